@@ -1,0 +1,122 @@
+"""Codec artefacts: one `.safetensors` file holding the weights and, in its metadata, the config.
+
+Everywhere a model is named (`--model M`), M is one of
+  * a checkpoint path (`*.safetensors`, written by `save_codec` or exported by training);
+  * a config name or path, optionally with a size preset: `grvq_4cb`, `configs/fsq.yaml`, `grvq_4cb:tiny`.
+    The model is then initialised from the config's seed, so two processes naming the same config get
+    the same weights (tests and benchmarks rely on it). EMA codebooks of such a model are initialised by
+    k-means on the encoder's output for fixed pseudo-random audio, so that its codes are spread out
+    like a trained model's rather than all zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..config import ConfigError, load_config, split_model_spec
+from ..errors import UserError
+from .model import FAMILIES, CodecConfig
+
+FORMAT = "neurocodec.codec.v1"
+
+
+def build_codec(model_config: dict | CodecConfig, sync_codebook: bool = False, name: str | None = None) -> torch.nn.Module:
+    """A freshly initialised codec (deterministic: seeded from the config) for training or inference."""
+    config = model_config if isinstance(model_config, CodecConfig) else CodecConfig.from_dict(model_config)
+    family = FAMILIES.get(config.family)
+    if family is None:
+        raise ConfigError(f"model.family {config.family!r} is not one of {', '.join(FAMILIES)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        codec = family(config, sync_codebook=sync_codebook)
+    codec._name = name or config.family
+    return codec
+
+
+@torch.no_grad()
+def warm_start_codebooks(codec: torch.nn.Module, seconds: float = 25.0) -> None:
+    """Run k-means codebook init (the quantizer's own, in training mode) on fixed pseudo-random audio."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(codec.config.seed + 1)
+        n = codec.pad_to_frames(torch.zeros(1, 1, int(seconds * codec.sample_rate))).shape[-1]
+        # Noise with a random spectral tilt per second: more varied latents than white noise.
+        noise = torch.randn(1, 1, n)
+        gains = torch.rand(1, 1, n // codec.sample_rate + 1).repeat_interleave(codec.sample_rate, dim=-1)[..., :n]
+        audio = 0.1 * gains * noise
+        latent = codec.encoder(audio)
+        codec.quantizer.train()
+        codec.quantizer(latent)
+    codec.eval()
+
+
+def config_of(codec: torch.nn.Module) -> dict:
+    from ..config import to_dict
+
+    return to_dict(codec.config)
+
+
+def save_codec(codec: torch.nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
+    """Write weights + config to `path` atomically (a reader never sees a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "name": codec.name, "config": json.dumps(config_of(codec))}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in codec.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> torch.nn.Module:
+    path = Path(path)
+    try:
+        meta = read_metadata(path)
+        state = load_file(str(path), device=device)
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path}: not a readable safetensors checkpoint ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path}: not a neurocodec codec checkpoint (metadata format={meta.get('format')!r})")
+    codec = build_codec(json.loads(meta["config"]), name=meta.get("name"))
+    missing, unexpected = codec.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return codec.to(device).eval()
+
+
+def load_codec(spec: str | Path, device: str = "cpu") -> torch.nn.Module:
+    """Resolve `--model` (checkpoint path, or config name/path with optional `:preset`) to a codec in eval mode."""
+    spec = str(spec)
+    if spec.endswith(".safetensors") or (Path(spec).is_file() and Path(spec).suffix not in (".yaml", ".yml")):
+        if not Path(spec).is_file():
+            raise UserError(f"checkpoint {spec} does not exist")
+        return load_checkpoint(spec, device)
+    name, preset = split_model_spec(spec)
+    config = load_config(name, preset)
+    if "model" not in config:
+        raise ConfigError(f"config {name} has no 'model' section")
+    label = config["name"] + (f":{preset}" if preset else "")
+    codec = build_codec(config["model"], name=label)
+    warm_start_codebooks(codec)
+    return codec.to(device).eval()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,144 @@
+"""`neurocodec encode | decode | info`: whole files through a codec, offline or through the streaming path."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CodesError, UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("encode", help="audio file -> codes [K, T] (.npy)")
+    p.add_argument("input", help="audio file (any rate / channel count soundfile reads)")
+    p.add_argument("-o", "--output", required=True, help="codes file (.npy, integer array [K, T])")
+    p.add_argument("--model", default="grvq_4cb", help="checkpoint or config[:preset] (default: grvq_4cb)")
+    p.add_argument("--num-codebooks", type=int, default=None, help="keep the first K codebooks (lower bitrate)")
+    p.add_argument("--chunk-ms", type=float, default=None,
+                   help="feed the audio through the streaming path in chunks of this many ms (fractions allowed)")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="codes (.npy) -> audio file")
+    p.add_argument("input", help="codes file (.npy, integer array [K, T])")
+    p.add_argument("-o", "--output", required=True, help="audio file (.wav, .flac, ...)")
+    p.add_argument("--model", default="grvq_4cb", help="checkpoint or config[:preset] (default: grvq_4cb)")
+    p.add_argument("--chunk-frames", type=int, default=None, help="decode through the streaming path, N frames at a time")
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("info", help="describe a model: rates, codebooks, bitrate, latency, size")
+    p.add_argument("--model", default="grvq_4cb", help="checkpoint or config[:preset] (default: grvq_4cb)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+
+def _load(spec: str, num_codebooks: int | None = None):
+    from .checkpoint import load_codec
+
+    torch.set_grad_enabled(False)
+    codec = load_codec(spec)
+    if num_codebooks is not None:
+        codec.set_num_codebooks(num_codebooks)
+    return codec
+
+
+def chunk_bounds(total: int, chunk: float) -> list[tuple[int, int]]:
+    """Boundaries of chunks of `chunk` samples (fractional sizes round per boundary, none is empty)."""
+    if chunk <= 0:
+        raise UserError("chunk size must be positive")
+    bounds, start, i = [], 0, 1
+    while start < total:
+        end = min(total, max(start + 1, int(round(i * chunk))))
+        bounds.append((start, end))
+        start, i = end, i + 1
+    return bounds
+
+
+def encode_streaming(codec, wav: torch.Tensor, chunk_samples: float) -> torch.Tensor:
+    """Codes of `wav` [B, 1, N] through the streaming path; equal to `codec.encode(wav)`."""
+    pieces = []
+    with codec.encoder.streaming(wav.shape[0]):
+        for start, end in chunk_bounds(wav.shape[-1], chunk_samples):
+            pieces.append(codec.encode_step(wav[..., start:end]))
+        pieces.append(codec.encode_flush())
+    return torch.cat(pieces, dim=-1)
+
+
+def decode_streaming(codec, codes: torch.Tensor, chunk_frames: int) -> torch.Tensor:
+    pieces = []
+    with codec.decoder.streaming(codes.shape[0]):
+        for start in range(0, codes.shape[-1], chunk_frames):
+            pieces.append(codec.decode_step(codes[..., start:start + chunk_frames]))
+    return torch.cat(pieces, dim=-1)
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from ..audio import load_audio
+
+    codec = _load(args.model, args.num_codebooks)
+    wav = load_audio(args.input, codec.sample_rate).unsqueeze(0)
+    if args.chunk_ms is not None:
+        codes = encode_streaming(codec, wav, args.chunk_ms * codec.sample_rate / 1000.0)
+    else:
+        codes = codec.encode(wav)
+    codes = codes[0].cpu().numpy().astype(np.int32)
+    np.save(args.output, codes)
+    seconds = wav.shape[-1] / codec.sample_rate
+    print(f"{args.input}: {seconds:.2f} s -> {codes.shape[0]} codebooks x {codes.shape[1]} frames "
+          f"({codec.bitrate / 1000:.2f} kbps = sum log2(cardinality) x {codec.frame_rate:g} frames/s) -> {args.output}")
+    return 0
+
+
+def load_codes(path: str | Path) -> np.ndarray:
+    try:
+        codes = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise CodesError(f"{path}: not a readable .npy array ({err})") from None
+    if codes.ndim != 2:
+        raise CodesError(f"{path}: codes must be a [K, T] array, got shape {codes.shape}")
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise CodesError(f"{path}: codes must be integers, got {codes.dtype}")
+    return codes
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from ..audio import save_audio
+
+    codes_np = load_codes(args.input)
+    codec = _load(args.model)
+    codes = torch.from_numpy(codes_np.astype(np.int64)).unsqueeze(0)
+    codec.check_codes(codes)
+    if args.chunk_frames:
+        wav = decode_streaming(codec, codes, args.chunk_frames)
+    else:
+        wav = codec.decode(codes)
+    save_audio(args.output, wav[0], codec.sample_rate)
+    print(f"{args.input}: {codes.shape[1]} codebooks x {codes.shape[2]} frames -> "
+          f"{wav.shape[-1] / codec.sample_rate:.2f} s at {codec.sample_rate} Hz -> {args.output}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    codec = _load(args.model)
+    info = codec.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = [
+        ("model", info["name"]),
+        ("family", info["family"]),
+        ("sample rate", f"{info['sample_rate']} Hz"),
+        ("frame rate", f"{info['frame_rate']:g} Hz ({info['frame_size']} samples per frame)"),
+        ("codebooks", f"{info['num_codebooks']} (allowed: {', '.join(map(str, info['allowed_num_codebooks']))})"),
+        ("cardinalities", ", ".join(map(str, info["cardinality"]))),
+        ("bitrate", f"{info['bitrate_bps'] / 1000:.3f} kbps (sum of log2(cardinality) x frame rate)"),
+        ("algorithmic latency", f"{info['algorithmic_latency_ms']:g} ms (one frame, no lookahead)"),
+        ("parameters", f"{info['parameters']:,}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0

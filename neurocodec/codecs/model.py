@@ -1,0 +1,199 @@
+"""The codec model: the interface every family implements, and the SEANet + quantizer family.
+
+Interface (as audiocraft's / Moshi's `CompressionModel`): `sample_rate`, `frame_rate`, `frame_size`,
+`num_codebooks` (in use), `total_codebooks`, `cardinality` (per codebook), `bitrate`,
+`set_num_codebooks(n)`, `encode(wav) -> codes [B, K, T]`, `decode(codes) -> wav`, a training `forward`, and
+streaming steps `encode_step` / `encode_flush` / `decode_step` inside `streaming(batch_size)` (or the
+separate `encoder.streaming(...)` and `decoder.streaming(...)` contexts that a server keeps apart).
+
+Bitrate = sum over codebooks in use of log2(cardinality_k) x frame_rate (bits of the raw code indices,
+no entropy coding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import from_dict
+from ..errors import AudioError, CodesError
+from .quantizers import Quantizer, QuantizerConfig
+from .seanet import SEANetConfig, SEANetDecoder, SEANetEncoder
+from .streaming import StreamingContainer
+
+
+@dataclass
+class CodecConfig:
+    family: str = "seanet"
+    sample_rate: int = 16000
+    seed: int = 0  # a model built from config alone is initialised from this seed: same config, same weights
+    seanet: SEANetConfig = field(default_factory=SEANetConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "model") -> "CodecConfig":
+        return from_dict(cls, data, where)
+
+
+@dataclass
+class CodecOutput:
+    audio: torch.Tensor  # [B, 1, N] reconstruction
+    codes: torch.Tensor  # [B, K, T]
+    latent: torch.Tensor  # [B, D, T] encoder output before quantization
+    quantizer_loss: torch.Tensor  # scalar
+    metrics: dict[str, torch.Tensor]
+
+
+class Codec(StreamingContainer):
+    """SEANet encoder -> quantizer -> SEANet decoder, all causal."""
+
+    def __init__(self, config: CodecConfig, sync_codebook: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = SEANetEncoder(config.seanet)
+        self.decoder = SEANetDecoder(config.seanet)
+        self.quantizer = Quantizer(config.seanet.dimension, config.quantizer, sync_codebook=sync_codebook)
+        self._num_codebooks = self.quantizer.total_codebooks
+
+    # -- description ----------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return getattr(self, "_name", self.config.family)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def frame_size(self) -> int:
+        return self.config.seanet.hop_length
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.frame_size
+
+    @property
+    def total_codebooks(self) -> int:
+        return self.quantizer.total_codebooks
+
+    @property
+    def num_codebooks(self) -> int:
+        return self._num_codebooks
+
+    @property
+    def cardinality(self) -> list[int]:
+        return self.quantizer.cardinalities[: self.num_codebooks]
+
+    @property
+    def bitrate(self) -> float:
+        """Bits per second of the code indices in use: sum_k log2(cardinality_k) * frame_rate."""
+        return sum(math.log2(c) for c in self.cardinality) * self.frame_rate
+
+    @property
+    def algorithmic_latency(self) -> float:
+        """Seconds from a sample's arrival until audio that depends on it can be output: one frame."""
+        return self.frame_size / self.sample_rate
+
+    def allowed_num_codebooks(self) -> list[int]:
+        return self.quantizer.allowed_num_codebooks()
+
+    def set_num_codebooks(self, n: int) -> None:
+        self.quantizer.check_num_codebooks(n)
+        self._num_codebooks = n
+
+    def info(self) -> dict:
+        return {
+            "name": self.name,
+            "family": self.config.family,
+            "sample_rate": self.sample_rate,
+            "frame_rate": self.frame_rate,
+            "frame_size": self.frame_size,
+            "num_codebooks": self.num_codebooks,
+            "total_codebooks": self.total_codebooks,
+            "allowed_num_codebooks": self.allowed_num_codebooks(),
+            "cardinality": self.cardinality,
+            "bitrate_bps": self.bitrate,
+            "algorithmic_latency_ms": 1000.0 * self.algorithmic_latency,
+            "parameters": sum(p.numel() for p in self.parameters()),
+        }
+
+    # -- training -------------------------------------------------------------------------------
+    def forward(self, wav: torch.Tensor) -> CodecOutput:
+        """Training/validation pass on whole frames: wav [B, 1, N] with N a multiple of frame_size."""
+        if wav.shape[-1] % self.frame_size:
+            raise ValueError(f"training input length {wav.shape[-1]} is not a multiple of the frame size {self.frame_size}")
+        latent = self.encoder(wav)
+        q = self.quantizer(latent)
+        audio = self.decoder(q.z_q)
+        return CodecOutput(audio=audio, codes=q.codes, latent=latent, quantizer_loss=q.loss, metrics=q.metrics)
+
+    # -- offline inference ------------------------------------------------------------------------
+    def _check_wav(self, wav: torch.Tensor) -> None:
+        if wav.dim() != 3 or wav.shape[1] != 1:
+            raise AudioError(f"expected mono audio of shape [B, 1, N], got {tuple(wav.shape)}")
+
+    def pad_to_frames(self, wav: torch.Tensor) -> torch.Tensor:
+        """Zero-pad the end to a whole number of frames, so the last partial frame is not lost."""
+        rest = wav.shape[-1] % self.frame_size
+        return wav if rest == 0 else nn.functional.pad(wav, (0, self.frame_size - rest))
+
+    def num_frames(self, num_samples: int) -> int:
+        return -(-num_samples // self.frame_size)
+
+    @torch.no_grad()
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        """Codes [B, K, ceil(N / frame_size)] for audio [B, 1, N] at `sample_rate`."""
+        self._check_wav(wav)
+        return self.quantizer.encode(self.encoder(self.pad_to_frames(wav)), self.num_codebooks)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Audio [B, 1, T * frame_size] for codes [B, k, T]."""
+        self.check_codes(codes)
+        return self.decoder(self.quantizer.decode(codes))
+
+    def check_codes(self, codes: torch.Tensor) -> None:
+        if codes.dim() != 3:
+            raise CodesError(f"codes must have shape [B, K, T], got {tuple(codes.shape)}")
+        if codes.shape[1] not in self.allowed_num_codebooks():
+            raise CodesError(f"codes have {codes.shape[1]} codebooks; this model takes {self.allowed_num_codebooks()}")
+        if codes.dtype.is_floating_point:
+            raise CodesError("codes must be integers")
+        cards = torch.tensor(self.quantizer.cardinalities[: codes.shape[1]], device=codes.device).view(1, -1, 1)
+        bad = (codes < 0) | (codes >= cards)
+        if bool(bad.any()):
+            b, k, t = (int(i) for i in bad.nonzero()[0])
+            raise CodesError(f"code {int(codes[b, k, t])} at codebook {k}, frame {t} is out of range "
+                             f"[0, {self.quantizer.cardinalities[k]})")
+
+    # -- streaming ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_step(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Feed the next chunk of audio (any length) of each session; returns the frames it completes."""
+        self._check_wav(chunk)
+        return self.quantizer.encode(self.encoder(chunk), self.num_codebooks)
+
+    @torch.no_grad()
+    def encode_flush(self) -> torch.Tensor:
+        """End of stream: zero-pad the partial frame (as offline `encode` does) and return its codes."""
+        seen = self.encoder.counter.samples_seen()
+        pending = {int(p) for p in seen % self.frame_size}
+        if len(pending) > 1:
+            raise ValueError("encode_flush() needs every session at the same position within a frame")
+        rest = pending.pop()
+        device = next(self.parameters()).device
+        if rest == 0:
+            return torch.zeros(len(seen), self.num_codebooks, 0, dtype=torch.long, device=device)
+        return self.encode_step(torch.zeros(len(seen), 1, self.frame_size - rest, device=device))
+
+    @torch.no_grad()
+    def decode_step(self, codes: torch.Tensor) -> torch.Tensor:
+        """Feed the next frames of codes [B, k, t]; returns their t * frame_size samples per session."""
+        self.check_codes(codes)
+        return self.decoder(self.quantizer.decode(codes))
+
+
+FAMILIES: dict[str, type[nn.Module]] = {"seanet": Codec}

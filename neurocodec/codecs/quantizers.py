@@ -1,0 +1,245 @@
+"""One thin adapter over `vector-quantize-pytorch` for every quantizer family we train.
+
+The library does the quantizing (codebooks, EMA updates, k-means init, dead-code expiry, FSQ/LFQ
+rounding, DDP codebook sync); this module only normalises what goes in and comes out:
+
+* latents in and out are channel-first `[B, D, T]`;
+* codes are `[B, K, T]` int64, one row per codebook, with a fixed order (below);
+* `n_q` truncation to the first codebooks where the family allows it;
+* usage metrics per codebook (the library reports none).
+
+Code order (the `K` axis):
+  rvq / rfsq   residual layer 0, 1, ..., Q-1 (coarse to fine)
+  grvq         layer-major, then group: [L0G0, L0G1, ..., L0G(G-1), L1G0, ...]. This is HiFi-Codec's order
+               (AcademiCodec `Quantizer`), and it makes truncation keep whole residual layers:
+               n_q must be a multiple of `groups`.
+  fsq/vq/lfq   one codebook (K = 1)
+
+DDP: the library decides at construction whether EMA codebook statistics are all-reduced
+(`sync_codebook`); Lightning builds the model before it starts the process group, so the caller must
+say so explicitly (`sync_codebook=True` when training on more than one process).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from ..errors import CodesError
+from vector_quantize_pytorch import FSQ, LFQ, GroupedResidualVQ, ResidualFSQ, ResidualVQ, VectorQuantize
+
+KINDS = ("rvq", "grvq", "fsq", "rfsq", "vq", "lfq")
+
+
+@dataclass
+class QuantizerConfig:
+    kind: str = "grvq"
+    codebook_size: int = 1024  # rvq / grvq / vq / lfq (lfq: a power of two)
+    num_quantizers: int = 1  # residual layers (rvq, grvq, rfsq)
+    groups: int = 1  # grvq
+    levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # fsq / rfsq
+    codebook_dim: int | None = None  # vq: low-dimensional lookup (factorised codes)
+    use_cosine_sim: bool = False
+    decay: float = 0.99  # EMA decay of codebooks (the library's default 0.8 is too fast for audio)
+    kmeans_init: bool = True
+    kmeans_iters: int = 50
+    threshold_ema_dead_code: float = 2.0  # expire codes whose EMA count falls below this
+    commitment_weight: float = 1.0
+    quantize_dropout: bool = False  # train with a random number of residual layers (variable bitrate)
+    entropy_loss_weight: float = 0.1  # lfq
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"quantizer kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.kind == "grvq" and self.groups < 1:
+            raise ValueError("grvq needs groups >= 1")
+        if self.kind == "lfq" and (self.codebook_size & (self.codebook_size - 1)):
+            raise ValueError(f"lfq codebook_size must be a power of two, got {self.codebook_size}")
+
+
+@dataclass
+class QuantizedResult:
+    z_q: torch.Tensor  # [B, D, T] quantized latent (straight-through in training)
+    codes: torch.Tensor  # [B, K, T] int64 (-1 where quantizer dropout skipped a layer)
+    loss: torch.Tensor  # scalar: commitment / entropy losses, already weighted by the library
+    metrics: dict[str, torch.Tensor]
+
+
+def codebook_metrics(codes: torch.Tensor, cardinalities: list[int]) -> dict[str, torch.Tensor]:
+    """Usage, perplexity and dead fraction of each codebook over `codes` [B, K, T] (-1 entries ignored)."""
+    metrics: dict[str, torch.Tensor] = {}
+    for k, card in enumerate(cardinalities):
+        counts = codebook_histogram(codes[:, k], card)
+        for name, value in usage_from_histogram(counts).items():
+            metrics[f"codebook{k}/{name}"] = value
+    return metrics
+
+
+def codebook_histogram(codes: torch.Tensor, cardinality: int) -> torch.Tensor:
+    flat = codes.reshape(-1)
+    flat = flat[flat >= 0]
+    return torch.bincount(flat, minlength=cardinality)[:cardinality].double()
+
+
+def usage_from_histogram(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`usage`: fraction of entries seen at least once; `dead` = 1 - usage; `perplexity`: exp(entropy)."""
+    total = counts.sum()
+    used = (counts > 0).double().mean()
+    if total > 0:
+        p = counts[counts > 0] / total
+        perplexity = torch.exp(-(p * p.log()).sum())
+    else:
+        perplexity = torch.tensor(0.0, dtype=torch.float64)
+    return {"usage": used, "dead": 1.0 - used, "perplexity": perplexity}
+
+
+class CodebookUsage:
+    """Accumulates code histograms over many batches (a validation set) and reports usage metrics."""
+
+    def __init__(self, cardinalities: list[int]) -> None:
+        self.cardinalities = list(cardinalities)
+        self.counts = [torch.zeros(c, dtype=torch.float64) for c in self.cardinalities]
+
+    def update(self, codes: torch.Tensor) -> None:
+        for k in range(min(codes.shape[1], len(self.cardinalities))):
+            self.counts[k] += codebook_histogram(codes[:, k].cpu(), self.cardinalities[k])
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        metrics = {}
+        for k, counts in enumerate(self.counts):
+            for name, value in usage_from_histogram(counts).items():
+                metrics[f"codebook{k}/{name}"] = value
+        return metrics
+
+
+class Quantizer(nn.Module):
+    """The adapter. Build with `Quantizer(dim, QuantizerConfig(...), sync_codebook=...)`."""
+
+    def __init__(self, dim: int, config: QuantizerConfig, sync_codebook: bool = False) -> None:
+        super().__init__()
+        self.dim = dim
+        self.config = c = config
+        ema = dict(decay=c.decay, kmeans_init=c.kmeans_init, kmeans_iters=c.kmeans_iters,
+                   threshold_ema_dead_code=c.threshold_ema_dead_code, commitment_weight=c.commitment_weight,
+                   use_cosine_sim=c.use_cosine_sim, sync_codebook=sync_codebook,
+                   # plain straight-through estimator, as HiFi-Codec / Encodec train (library default: rotation trick)
+                   rotation_trick=False)
+        if c.kind == "rvq":
+            self.impl = ResidualVQ(dim=dim, num_quantizers=c.num_quantizers, codebook_size=c.codebook_size,
+                                   quantize_dropout=c.quantize_dropout, **ema)
+        elif c.kind == "grvq":
+            if dim % c.groups:
+                raise ValueError(f"grvq: latent dim {dim} is not divisible by {c.groups} groups")
+            self.impl = GroupedResidualVQ(dim=dim, groups=c.groups, num_quantizers=c.num_quantizers,
+                                          codebook_size=c.codebook_size, quantize_dropout=c.quantize_dropout, **ema)
+        elif c.kind == "fsq":
+            self.impl = FSQ(levels=list(c.levels), dim=dim)
+        elif c.kind == "rfsq":
+            self.impl = ResidualFSQ(levels=list(c.levels), num_quantizers=c.num_quantizers, dim=dim,
+                                    quantize_dropout=c.quantize_dropout)
+        elif c.kind == "vq":
+            self.impl = VectorQuantize(dim=dim, codebook_size=c.codebook_size, codebook_dim=c.codebook_dim, **ema)
+        elif c.kind == "lfq":
+            self.impl = LFQ(dim=dim, codebook_size=c.codebook_size, entropy_loss_weight=c.entropy_loss_weight)
+
+    # -- shape of the code space ------------------------------------------------------------------
+    @property
+    def total_codebooks(self) -> int:
+        c = self.config
+        return {"rvq": c.num_quantizers, "grvq": c.num_quantizers * c.groups, "rfsq": c.num_quantizers}.get(c.kind, 1)
+
+    @property
+    def cardinalities(self) -> list[int]:
+        c = self.config
+        if c.kind in ("fsq", "rfsq"):
+            per = math.prod(c.levels)
+        else:
+            per = c.codebook_size
+        return [per] * self.total_codebooks
+
+    def allowed_num_codebooks(self) -> list[int]:
+        c = self.config
+        if c.kind in ("rvq", "rfsq"):
+            return list(range(1, c.num_quantizers + 1))
+        if c.kind == "grvq":
+            return [c.groups * n for n in range(1, c.num_quantizers + 1)]
+        return [1]
+
+    def check_num_codebooks(self, n_q: int) -> None:
+        allowed = self.allowed_num_codebooks()
+        if n_q not in allowed:
+            raise CodesError(f"{self.config.kind} quantizer cannot use {n_q} codebooks; allowed: {allowed}")
+
+    # -- forward (training) -----------------------------------------------------------------------
+    def forward(self, z: torch.Tensor) -> QuantizedResult:
+        """Quantize `z` [B, D, T]. In training mode codebooks update and quantizer dropout applies."""
+        x = z.transpose(1, 2)  # the library is channel-last
+        kind = self.config.kind
+        loss = z.new_zeros(())
+        if kind in ("rvq", "vq"):
+            z_q, idx, commit = self.impl(x)
+            loss = commit.sum()
+            codes = idx.unsqueeze(1) if kind == "vq" else idx.transpose(1, 2)
+        elif kind == "grvq":
+            z_q, idx, commit = self.impl(x)  # idx: [G, B, T, Q]
+            loss = commit.sum()
+            codes = self._grvq_codes(idx)
+        elif kind == "fsq":
+            z_q, idx = self.impl(x)
+            codes = idx.unsqueeze(1)
+        elif kind == "rfsq":
+            z_q, idx = self.impl(x)
+            codes = idx.transpose(1, 2)
+        else:  # lfq
+            z_q, idx, aux = self.impl(x)
+            loss = aux
+            codes = idx.unsqueeze(1)
+        codes = codes.long()
+        metrics = codebook_metrics(codes.detach(), self.cardinalities)
+        return QuantizedResult(z_q=z_q.transpose(1, 2), codes=codes, loss=loss, metrics=metrics)
+
+    # -- inference ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, z: torch.Tensor, n_q: int | None = None) -> torch.Tensor:
+        """Codes [B, K, T] for latents [B, D, T], with no codebook update and no dropout."""
+        was_training = self.impl.training
+        self.impl.eval()
+        try:
+            codes = self.forward(z).codes
+        finally:
+            self.impl.train(was_training)
+        return codes if n_q is None else codes[:, :n_q]
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Latent [B, D, T] from codes [B, k, T]; k may be fewer than all codebooks (see code order)."""
+        kind, c = self.config.kind, self.config
+        self.check_num_codebooks(codes.shape[1])
+        if kind == "grvq":
+            b, k, t = codes.shape
+            per_group = codes.view(b, k // c.groups, c.groups, t).permute(2, 0, 3, 1)  # [G, B, T, q]
+            outs = [self._residual_decode(rvq, per_group[g]) for g, rvq in enumerate(self.impl.rvqs)]
+            z = torch.cat(outs, dim=-1)
+        elif kind in ("rvq", "rfsq"):
+            z = self._residual_decode(self.impl, codes.transpose(1, 2))
+        elif kind == "vq":
+            z = self.impl.get_output_from_indices(codes[:, 0])
+        else:  # fsq, lfq
+            z = self.impl.indices_to_codes(codes[:, 0])
+        return z.transpose(1, 2)
+
+    @staticmethod
+    def _residual_decode(residual: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        """Sum the first q layers' code vectors (idx [B, T, q]); works for any q, unlike the library's
+        helpers, which accept fewer layers only when the model was built with quantizer dropout."""
+        codebooks = residual.codebooks  # [Q, C, d]
+        q = idx.shape[-1]
+        vectors = codebooks[torch.arange(q, device=idx.device).view(1, 1, q), idx]  # [B, T, q, d]
+        if isinstance(residual, ResidualFSQ):
+            vectors = vectors * residual.scales[:q].view(1, 1, q, -1)
+        return residual.project_out(vectors.sum(dim=2))
+
+    def _grvq_codes(self, idx: torch.Tensor) -> torch.Tensor:
+        g, b, t, q = idx.shape
+        return idx.permute(1, 3, 0, 2).reshape(b, q * g, t)

@@ -1,0 +1,116 @@
+"""Causal SEANet encoder and decoder (the Encodec / SoundStream convolutional backbone), streamable.
+
+Every layer is causal with zero padding and no normalisation over time, so the encoder emits frame t as
+soon as sample (t + 1) * hop - 1 has arrived and the decoder emits a frame's samples as soon as its codes
+arrive: the algorithmic latency is one frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .streaming import (SampleCounter, StreamingContainer, StreamingConv1d, StreamingConvTranspose1d, StreamingLSTM,
+                        StreamingTransformer)
+
+
+@dataclass
+class BottleneckConfig:
+    kind: str = "none"  # none | lstm | transformer
+    num_layers: int = 2
+    num_heads: int = 4  # transformer
+    context: int = 50  # transformer: frames of attention window (bounded cache)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "lstm", "transformer"):
+            raise ValueError(f"bottleneck kind {self.kind!r} is not one of none, lstm, transformer")
+
+
+@dataclass
+class SEANetConfig:
+    channels: int = 32  # channels after the first conv; doubled at every downsampling
+    strides: list[int] = field(default_factory=lambda: [2, 4, 5, 8])  # encoder order; the decoder reverses it
+    dimension: int = 512  # latent channels (what the quantizer sees)
+    n_residual_layers: int = 1
+    residual_kernel_size: int = 3
+    dilation_base: int = 2
+    compress: int = 2  # residual blocks' hidden channels = channels / compress
+    kernel_size: int = 7
+    last_kernel_size: int = 7
+    norm: str = "weight_norm"  # none | weight_norm (weights only; nothing normalises over time)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+
+    def __post_init__(self) -> None:
+        if not self.strides or any(s < 1 for s in self.strides):
+            raise ValueError(f"strides must be positive integers, got {self.strides}")
+
+    @property
+    def hop_length(self) -> int:
+        hop = 1
+        for s in self.strides:
+            hop *= s
+        return hop
+
+
+def _bottleneck(config: BottleneckConfig, channels: int) -> nn.Module:
+    if config.kind == "lstm":
+        return StreamingLSTM(channels, config.num_layers)
+    if config.kind == "transformer":
+        return StreamingTransformer(channels, config.num_layers, config.num_heads, config.context)
+    return nn.Identity()
+
+
+class ResidualBlock(StreamingContainer):
+    def __init__(self, channels: int, kernel_size: int, dilation: int, compress: int, norm: str) -> None:
+        super().__init__()
+        hidden = max(1, channels // compress)
+        self.block = nn.Sequential(
+            nn.ELU(),
+            StreamingConv1d(channels, hidden, kernel_size, dilation=dilation, norm=norm),
+            nn.ELU(),
+            StreamingConv1d(hidden, channels, 1, norm=norm),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Causal stride-1 convs emit exactly as many samples as they receive, so the skip lines up in
+        # streaming too.
+        return x + self.block(x)
+
+
+class SEANetEncoder(StreamingContainer):
+    def __init__(self, c: SEANetConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [StreamingConv1d(1, c.channels, c.kernel_size, norm=c.norm)]
+        ch = c.channels
+        for stride in c.strides:
+            for j in range(c.n_residual_layers):
+                layers.append(ResidualBlock(ch, c.residual_kernel_size, c.dilation_base ** j, c.compress, c.norm))
+            layers += [nn.ELU(), StreamingConv1d(ch, ch * 2, kernel_size=2 * stride, stride=stride, norm=c.norm)]
+            ch *= 2
+        layers += [_bottleneck(c.bottleneck, ch), nn.ELU(),
+                   StreamingConv1d(ch, c.dimension, c.last_kernel_size, norm=c.norm)]
+        self.model = nn.Sequential(*layers)
+        self.counter = SampleCounter()  # streaming only: how far into its current frame each session is
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:  # [B, 1, N] -> [B, D, N // hop]
+        return self.model(self.counter(wav))
+
+
+class SEANetDecoder(StreamingContainer):
+    def __init__(self, c: SEANetConfig) -> None:
+        super().__init__()
+        ch = c.channels * 2 ** len(c.strides)
+        layers: list[nn.Module] = [StreamingConv1d(c.dimension, ch, c.kernel_size, norm=c.norm),
+                                   _bottleneck(c.bottleneck, ch)]
+        for stride in reversed(c.strides):
+            layers += [nn.ELU(), StreamingConvTranspose1d(ch, ch // 2, kernel_size=2 * stride, stride=stride, norm=c.norm)]
+            ch //= 2
+            for j in range(c.n_residual_layers):
+                layers.append(ResidualBlock(ch, c.residual_kernel_size, c.dilation_base ** j, c.compress, c.norm))
+        layers += [nn.ELU(), StreamingConv1d(ch, 1, c.last_kernel_size, norm=c.norm)]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:  # [B, D, T] -> [B, 1, T * hop]
+        return self.model(latent)

@@ -1,0 +1,1 @@
+"""Audio corpora: manifests, corpus builders (`neurocodec data ...`), training datasets."""
