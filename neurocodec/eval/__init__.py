@@ -1,0 +1,1 @@
+"""Evaluation: objective metrics, classic-codec baselines, reports and plots."""

@@ -1,0 +1,104 @@
+"""Objective quality metrics on a reference / degraded pair of mono signals.
+
+PESQ (ITU-T P.862.2 wide band at 16 kHz, P.862 narrow band at 8 kHz) comes from the `pesq` package and
+STOI from `pystoi`; mel distance and SI-SDR are computed here with torchaudio because they are a few
+lines on top of its mel filterbank. All functions take 1-D float arrays/tensors at `sample_rate` and
+compare the common length (align the signals first: see `align`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchaudio
+
+PESQ_RATES = {16000: "wb", 8000: "nb"}
+
+
+def _np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def _common(ref, deg) -> tuple[np.ndarray, np.ndarray]:
+    ref, deg = _np(ref), _np(deg)
+    n = min(len(ref), len(deg))
+    return ref[:n], deg[:n]
+
+
+def pesq_score(ref, deg, sample_rate: int) -> float:
+    """PESQ MOS-LQO: wide band at 16 kHz, narrow band at 8 kHz (other rates: resample first)."""
+    from pesq import pesq
+
+    if sample_rate not in PESQ_RATES:
+        raise ValueError(f"PESQ needs 8 or 16 kHz audio, got {sample_rate} Hz")
+    ref, deg = _common(ref, deg)
+    return float(pesq(sample_rate, ref, deg, PESQ_RATES[sample_rate]))
+
+
+def stoi_score(ref, deg, sample_rate: int, extended: bool = False) -> float:
+    from pystoi import stoi
+
+    ref, deg = _common(ref, deg)
+    return float(stoi(ref, deg, sample_rate, extended=extended))
+
+
+def si_sdr(ref, deg) -> float:
+    """Scale-invariant signal-to-distortion ratio in dB."""
+    ref, deg = _common(ref, deg)
+    ref = ref - ref.mean()
+    deg = deg - deg.mean()
+    scale = np.dot(deg, ref) / max(np.dot(ref, ref), 1e-12)
+    target = scale * ref
+    noise = deg - target
+    return float(10 * np.log10(max(np.dot(target, target), 1e-12) / max(np.dot(noise, noise), 1e-12)))
+
+
+_MEL_CACHE: dict[int, torchaudio.transforms.MelSpectrogram] = {}
+
+
+def mel_distance(ref, deg, sample_rate: int) -> float:
+    """Mean absolute difference of log10 mel spectrograms (80 bands, 1024-point FFT, hop 256)."""
+    if sample_rate not in _MEL_CACHE:
+        _MEL_CACHE[sample_rate] = torchaudio.transforms.MelSpectrogram(
+            sample_rate=sample_rate, n_fft=1024, hop_length=256, n_mels=80, power=1.0)
+    mel = _MEL_CACHE[sample_rate]
+    ref, deg = _common(ref, deg)
+    r = torch.log10(mel(torch.from_numpy(ref).float()).clamp_min(1e-5))
+    d = torch.log10(mel(torch.from_numpy(deg).float()).clamp_min(1e-5))
+    return float((r - d).abs().mean())
+
+
+def align(ref, deg, max_shift: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Shift `deg` by the lag (|lag| <= max_shift samples) that maximises its cross-correlation with `ref`.
+
+    Classic codecs delay their output (Opus by its look-ahead, Codec2 by its frame); scoring without
+    alignment would penalise the delay, not the coding. Returns the aligned pair and the lag found.
+    """
+    ref, deg = _np(ref), _np(deg)
+    n = min(len(ref), len(deg))
+    best_lag, best = 0, -np.inf
+    # FFT cross-correlation, restricted to the allowed lags.
+    size = 1 << int(np.ceil(np.log2(2 * n)))
+    corr = np.fft.irfft(np.fft.rfft(deg[:n], size) * np.conj(np.fft.rfft(ref[:n], size)), size)
+    for lag in range(-max_shift, max_shift + 1):
+        value = corr[lag % size]
+        if value > best:
+            best, best_lag = value, lag
+    if best_lag >= 0:
+        deg = deg[best_lag:]
+    else:
+        deg = np.concatenate([np.zeros(-best_lag), deg])
+    m = min(len(ref), len(deg))
+    return ref[:m], deg[:m], best_lag
+
+
+def all_metrics(ref, deg, sample_rate: int) -> dict[str, float]:
+    """PESQ, STOI, mel distance and SI-SDR of one pair (already aligned, same rate)."""
+    return {
+        "pesq": pesq_score(ref, deg, sample_rate),
+        "stoi": stoi_score(ref, deg, sample_rate),
+        "mel_distance": mel_distance(ref, deg, sample_rate),
+        "si_sdr": si_sdr(ref, deg),
+    }
