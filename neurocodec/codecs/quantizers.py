@@ -114,6 +114,24 @@ class CodebookUsage:
         return metrics
 
 
+_DUPLICATES_CACHE: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _duplicate_entries(codebook: torch.Tensor) -> torch.Tensor:
+    """Bool [C]: True for every entry that repeats an earlier one exactly (cached per codebook version)."""
+    key = (codebook.data_ptr(), codebook._version)
+    mask = _DUPLICATES_CACHE.get(key)
+    if mask is None or mask.shape[0] != codebook.shape[0]:
+        _, inverse = torch.unique(codebook, dim=0, return_inverse=True)
+        first = torch.full((int(inverse.max()) + 1,), codebook.shape[0], dtype=torch.long)
+        first = first.scatter_reduce(0, inverse, torch.arange(codebook.shape[0]), reduce="amin")
+        mask = first[inverse] != torch.arange(codebook.shape[0])
+        if len(_DUPLICATES_CACHE) > 256:
+            _DUPLICATES_CACHE.clear()
+        _DUPLICATES_CACHE[key] = mask
+    return mask.to(codebook.device)
+
+
 class Quantizer(nn.Module):
     """The adapter. Build with `Quantizer(dim, QuantizerConfig(...), sync_codebook=...)`."""
 
@@ -204,13 +222,46 @@ class Quantizer(nn.Module):
     @torch.no_grad()
     def encode(self, z: torch.Tensor, n_q: int | None = None) -> torch.Tensor:
         """Codes [B, K, T] for latents [B, D, T], with no codebook update and no dropout."""
-        was_training = self.impl.training
-        self.impl.eval()
-        try:
-            codes = self.forward(z).codes
-        finally:
-            self.impl.train(was_training)
+        kind = self.config.kind
+        if kind in ("rvq", "grvq") and not self.config.use_cosine_sim:
+            codes = self._residual_encode(z, n_q)
+        else:
+            was_training = self.impl.training
+            self.impl.eval()
+            try:
+                codes = self.forward(z).codes
+            finally:
+                self.impl.train(was_training)
         return codes if n_q is None else codes[:, :n_q]
+
+    def _residual_encode(self, z: torch.Tensor, n_q: int | None) -> torch.Tensor:
+        """Greedy residual nearest-neighbour search on the library's codebooks (inference only).
+
+        Why not the library's forward: (1) it is a training path with milliseconds of Python overhead per
+        call, which dominates frame-by-frame streaming; (2) codebooks trained with k-means init and
+        dead-code expiry contain exact duplicate entries, and which of two tied entries wins then
+        depends on float rounding, which differs between chunk shapes. Here duplicates are masked so
+        the first copy always wins, which keeps streaming codes equal to offline codes.
+        """
+        c = self.config
+        x = z.transpose(1, 2)  # [B, T, D]
+        groups = self.impl.rvqs if c.kind == "grvq" else [self.impl]
+        layers_needed = c.num_quantizers if n_q is None else -(-n_q // (c.groups if c.kind == "grvq" else 1))
+        per_group = []
+        for rvq, xg in zip(groups, x.chunk(len(groups), dim=-1)):
+            residual = rvq.project_in(xg)
+            indices = []
+            for layer in rvq.layers[:layers_needed]:
+                codebook = layer._codebook.embed[0]  # [C, d], a view of the stored codebook
+                dist = (residual.pow(2).sum(-1, keepdim=True) - 2 * residual @ codebook.t()
+                        + codebook.pow(2).sum(-1))
+                idx = dist.masked_fill(_duplicate_entries(codebook), float("inf")).argmin(-1)
+                residual = residual - codebook[idx]
+                indices.append(idx)
+            per_group.append(torch.stack(indices, dim=-1))  # [B, T, q]
+        if c.kind == "grvq":
+            return self._grvq_codes(torch.stack(per_group))
+        return per_group[0].transpose(1, 2)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Latent [B, D, T] from codes [B, k, T]; k may be fewer than all codebooks (see code order)."""

@@ -1,0 +1,144 @@
+"""The evaluation's figures (matplotlib, Agg backend, PNG): PESQ vs bitrate, spectrograms, codebook usage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers / CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+STYLE = {"model": ("tab:blue", "o"), "opus": ("tab:orange", "s"), "codec2": ("tab:green", "^")}
+LABEL = {"model": "ours", "opus": "Opus", "codec2": "Codec2"}
+
+
+def plot_pesq_vs_kbps(payload: dict, path: str | Path) -> Path | None:
+    """Mean PESQ (with 95% CI bars) of each system against its nominal bitrate; one line per codec."""
+    rows = [r for r in payload["systems"] if r["kind"] in STYLE and r["pesq"]["mean"] is not None]
+    if not rows:
+        return None
+    rate = payload["scoring"]["sample_rate"]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for kind, (color, marker) in STYLE.items():
+        pts = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["kbps"])
+        if not pts:
+            continue
+        x = np.array([r["kbps"] for r in pts])
+        y = np.array([r["pesq"]["mean"] for r in pts])
+        err = np.array([[y[i] - r["pesq"]["ci95"][0], r["pesq"]["ci95"][1] - y[i]] if r["pesq"]["ci95"] else [0, 0]
+                        for i, r in enumerate(pts)]).T
+        label = LABEL[kind] + (f" ({payload['model']['name']})" if kind == "model" else "")
+        ax.errorbar(x, y, yerr=err, color=color, marker=marker, markersize=7, capsize=3, linewidth=1.5, label=label)
+        for xi, yi, r in zip(x, y, pts):
+            ax.annotate(r["system"].replace("ours ", ""), (xi, yi), textcoords="offset points", xytext=(6, 6),
+                        fontsize=8, color=color)
+    ax.set_xscale("log", base=2)
+    ticks = sorted({r["kbps"] for r in rows})
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("bitrate (kbit/s; ours = sum log2(cardinality) x frame rate)")
+    ax.set_ylabel(f"PESQ-{'WB' if rate == 16000 else 'NB'} (MOS-LQO)")
+    ax.set_ylim(1.0, 4.7)
+    ax.grid(True, alpha=0.3)
+    n = payload["data"]["n_scored"]
+    title = f"PESQ vs bitrate, {n} clips"
+    if not payload["model"].get("trained"):
+        title += " — UNTRAINED model (random weights)"
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _choose_panels(example: dict) -> list[tuple[str, np.ndarray]]:
+    panels = [("original", example["reference"])]
+    decoded = example["decoded"]
+    ours = [k for k in decoded if k.startswith("ours")]
+    if ours:  # the highest-bitrate K: what the model is named for
+        panels.append((ours[-1], decoded[ours[-1]]))
+    opus = [k for k in decoded if k.startswith("Opus")]
+    if opus:  # the lowest Opus rate: the one the quality target compares against
+        panels.append((opus[0], decoded[opus[0]]))
+    return panels
+
+
+def plot_spectrograms(example: dict | None, path: str | Path) -> Path | None:
+    """Original / ours / Opus log-magnitude spectrograms of one clip on one colour scale."""
+    if not example:
+        return None
+    panels = _choose_panels(example)
+    sr = example["sample_rate"]
+    n_fft, hop = 512 if sr >= 16000 else 256, 128 if sr >= 16000 else 64
+    window = np.hanning(n_fft)
+    specs = []
+    for _, sig in panels:
+        sig = np.asarray(sig, dtype=np.float64)
+        if len(sig) < n_fft:
+            sig = np.pad(sig, (0, n_fft - len(sig)))
+        frames = np.lib.stride_tricks.sliding_window_view(sig, n_fft)[::hop] * window
+        specs.append(20 * np.log10(np.abs(np.fft.rfft(frames, axis=-1)).T + 1e-6))
+    top = max(s.max() for s in specs)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.3 * len(panels)), dpi=110, sharex=True, squeeze=False)
+    for ax, (name, _), spec in zip(axes[:, 0], panels, specs):
+        duration = spec.shape[1] * hop / sr
+        im = ax.imshow(spec, origin="lower", aspect="auto", cmap="magma", vmin=top - 80, vmax=top,
+                       extent=(0, duration, 0, sr / 2000))
+        ax.set_ylabel("kHz")
+        ax.set_title(name, fontsize=10, loc="left")
+    axes[-1, 0].set_xlabel("time (s)")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), label="dB", shrink=0.9)
+    fig.suptitle(f"clip {example['clip']}", fontsize=10)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_codebook_usage(payload: dict, counts: dict[str, list[list[float]]], path: str | Path) -> Path | None:
+    """Left: share of entries used per codebook (95% target line). Right: sorted entry frequencies."""
+    if not counts:
+        return None
+    key = list(counts)[-1]  # the largest K evaluated: it holds every codebook
+    rows = payload["codebooks"][key]
+    hist = [np.asarray(c, dtype=np.float64) for c in counts[key]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110, gridspec_kw={"width_ratios": [1, 1.6]})
+    idx = np.arange(len(rows))
+    usage = [100 * r["usage"] for r in rows]
+    bars = ax1.bar(idx, usage, color="tab:blue")
+    for b, r in zip(bars, rows):
+        ax1.text(b.get_x() + b.get_width() / 2, b.get_height() + 1, f"{100 * r['usage']:.0f}%\n"
+                 f"H={r['entropy_bits']:.1f}b", ha="center", va="bottom", fontsize=7)
+    ax1.axhline(95, color="tab:red", linestyle="--", linewidth=1, label="target 95%")
+    ax1.set_xticks(idx)
+    ax1.set_xticklabels([str(r["codebook"]) for r in rows])
+    ax1.set_xlabel("codebook")
+    ax1.set_ylabel("entries used (%)")
+    ax1.set_ylim(0, 118)
+    ax1.legend(loc="lower right", fontsize=8)
+    for i, h in enumerate(hist):
+        total = h.sum()
+        if total <= 0:
+            continue
+        freq = np.sort(h[h > 0])[::-1] / total  # unused entries have no place on a log axis: the curve stops
+        ax2.plot(np.arange(1, len(freq) + 1), freq, label=f"codebook {i} ({len(freq)} used)", linewidth=1.2)
+    card = max(len(h) for h in hist)
+    ax2.axhline(1.0 / card, color="gray", linestyle=":", linewidth=1, label="uniform")
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlim(1, card)
+    ax2.set_xlabel(f"entry rank (of {card})")
+    ax2.set_ylabel("frequency")
+    ax2.legend(fontsize=7, ncol=2)
+    ax2.grid(True, alpha=0.3)
+    title = f"codebook usage, {key}, {int(sum(h.sum() for h in hist) / max(len(hist), 1)):,} frames"
+    if not payload["model"].get("trained"):
+        title += " — UNTRAINED model"
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

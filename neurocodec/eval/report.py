@@ -1,0 +1,155 @@
+"""Turn an evaluation (`runner.EvalResult`) into a JSON file and a Markdown report (with its plots)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .runner import CI_NOTE, METRIC_LABELS, EvalResult
+
+TABLE_METRICS = ("pesq", "stoi", "mel_distance", "si_sdr", "pesq_nb")
+
+
+def _fmt(stat: dict, digits: int = 2) -> str:
+    if not stat or stat.get("mean") is None:
+        return "—"
+    text = f"{stat['mean']:.{digits}f}"
+    if stat.get("ci95"):
+        half = (stat["ci95"][1] - stat["ci95"][0]) / 2
+        text += f" ± {half:.{digits}f}"
+    return text
+
+
+def _kbps(row: dict) -> str:
+    if row["kbps"] is None or not math.isfinite(row["kbps"]):
+        return "—"
+    text = f"{row['kbps']:.2f}"
+    measured = row.get("measured_kbps")
+    if row["kind"] != "model" and measured is not None and abs(measured - row["kbps"]) > 0.005:
+        text += f" ({measured:.2f})"
+    return text
+
+
+def results_table(payload: dict) -> str:
+    """The Markdown table: one row per system, mean ± 95% CI half-width per metric."""
+    rate = payload["scoring"]["sample_rate"]
+    pesq_label = "PESQ-WB" if rate == 16000 else "PESQ-NB"
+    head = ["system", "kbps", pesq_label, "STOI", "mel dist ↓", "SI-SDR dB", "PESQ-NB @8k", "clips"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in payload["systems"]:
+        digits = {"si_sdr": 1, "stoi": 3}
+        cells = [row["system"], _kbps(row)] + [_fmt(row[m], digits.get(m, 2)) for m in TABLE_METRICS]
+        cells.append(str(row["n_clips"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def codebook_table(payload: dict) -> str:
+    lines = ["| K | codebook | entries | used | perplexity | entropy (bits / max) |", "|---|---|---|---|---|---|"]
+    for k, rows in payload["codebooks"].items():
+        for r in rows:
+            lines.append(f"| {k} | {r['codebook']} | {r['cardinality']} | {100 * r['usage']:.1f}% | "
+                         f"{r['perplexity']:.1f} | {r['entropy_bits']:.2f} / {r['max_bits']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_json(result: EvalResult | dict, path: str | Path) -> Path:
+    payload = result.to_json() if isinstance(result, EvalResult) else result
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=_default) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def markdown(payload: dict, figures: dict[str, str] | None = None, title: str | None = None,
+             command: str | None = None) -> str:
+    model, data, scoring = payload["model"], payload["data"], payload["scoring"]
+    trained = model.get("trained")
+    title = title or f"Quality of {model['name']}"
+    out = [f"# {title}", ""]
+    if not trained:
+        out += ["> **UNTRAINED MODEL.** These figures are for random weights initialised from the config "
+                f"(`{model['spec']}`), not a trained checkpoint: they prove the evaluation pipeline, "
+                "not the codec's quality.", ""]
+    out += [
+        f"- model: `{model['spec']}` ({model['family']}, {model['num_codebooks']} codebooks of "
+        f"{', '.join(map(str, sorted(set(model['cardinality']))))} entries, {model['frame_rate']:g} frames/s, "
+        f"{model['parameters']:,} parameters)",
+    ]
+    if model.get("checkpoint_sha256"):
+        out.append(f"- checkpoint sha256: `{model['checkpoint_sha256'][:16]}…`")
+        meta = model.get("checkpoint_metadata") or {}
+        if meta:
+            out.append("- checkpoint metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(meta.items())))
+    split = f", split `{data['split']}`" if data.get("split") else ""
+    out += [
+        f"- data: `{data['source']}`{split}: {data['n_scored']} of {data['n_clips']} clips scored, "
+        f"{data['seconds']:.1f} s of audio",
+        f"- scoring at {scoring['sample_rate']} Hz, PESQ {scoring['pesq']}; every decoded signal is "
+        f"{scoring['alignment']}",
+        f"- our kbps: {scoring['bitrate']} (nominal, no entropy coding); baselines: nominal "
+        "(measured in brackets when it differs)",
+        f"- Opus: {scoring['opus']}",
+        f"- Codec2: {scoring['codec2']}",
+        f"- each cell: mean ± half-width of the {CI_NOTE}",
+    ]
+    if command:
+        out += [f"- command: `{command}`"]
+    out += ["", "## Results", "", results_table(payload), ""]
+    entropy = model.get("entropy_kbps") or {}
+    if entropy:
+        out += ["Entropy of the codes over the set (the rate an entropy coder could reach): " +
+                ", ".join(f"{k}: {v:.2f} kbps" for k, v in entropy.items()) + ".", ""]
+    out += ["## Codebook usage", "", codebook_table(payload), ""]
+    if figures:
+        out += ["## Figures", ""]
+        for caption, name in figures.items():
+            out += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    errors = payload.get("errors") or []
+    out += ["## Errors", ""]
+    if errors:
+        for e in errors:
+            who = f" ({e['system']})" if e.get("system") else ""
+            out.append(f"- `{e['clip']}`{who}: {e['error']}")
+    else:
+        out.append("None: every clip was scored by every system.")
+    out.append("")
+    return "\n".join(out)
+
+
+def write_report(result: EvalResult, out_dir: str | Path, title: str | None = None,
+                 command: str | None = None, plots: bool = True) -> dict[str, Path]:
+    """report.md + results.json + PNG figures in `out_dir`; returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = result.to_json()
+    paths = {"json": write_json(payload, out_dir / "results.json")}
+    figures: dict[str, str] = {}
+    if plots:
+        from . import plots as P
+
+        p = P.plot_pesq_vs_kbps(payload, out_dir / "pesq_vs_kbps.png")
+        if p:
+            figures["PESQ against bitrate (mean and 95% CI)"] = p.name
+            paths["pesq_vs_kbps"] = p
+        p = P.plot_spectrograms(result.example, out_dir / "spectrograms.png")
+        if p:
+            figures[f"Spectrograms of clip `{result.example['clip']}`"] = p.name
+            paths["spectrograms"] = p
+        p = P.plot_codebook_usage(payload, result.usage_counts, out_dir / "codebook_usage.png")
+        if p:
+            figures["Codebook usage over the set"] = p.name
+            paths["codebook_usage"] = p
+    md = out_dir / "report.md"
+    md.write_text(markdown(payload, figures, title=title, command=command), encoding="utf-8")
+    paths["markdown"] = md
+    return paths

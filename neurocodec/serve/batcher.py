@@ -1,0 +1,272 @@
+"""Session slots and the model worker (the Triton sequence-batcher / Kyutai batched-server pattern).
+
+One codec instance serves every session of a model. Its encoder and decoder stay inside
+`streaming(max_streams)` contexts for the server's lifetime; each session owns one batch slot of that
+state. A single worker thread repeatedly takes every session that has a whole frame buffered (and room
+in its output queue), builds one `[max_streams, 1, frame_size]` batch (zeros in idle slots), sets the
+execution mask to the ready slots and runs ONE `encode_step`; likewise one `decode_step` per distinct
+codebook count among ready decode sessions. Idle slots keep their state untouched (`set_exec_mask`), a
+new session's slot is `reset_streaming`-ed before its first step, and a session's output goes back to
+its event loop through `call_soon_threadsafe`.
+
+With `batching=False` the worker steps sessions one by one, each with its own batch-1 state swapped into
+the modules (what a server without cross-stream batching does) - kept for the benchmark's comparison.
+
+At end of stream the partial last frame is zero-padded and stepped, so streamed codes equal offline
+`codec.encode` (which pads the end the same way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import torch
+
+from .wire import ServeError
+
+END = object()  # queued after a session's last output
+
+
+@dataclass
+class Session:
+    """State shared by a stream's handler (event loop) and the worker (thread); guarded by Worker.lock."""
+
+    kind: str  # "encode" | "decode"
+    slot: int
+    num_codebooks: int
+    loop: asyncio.AbstractEventLoop
+    max_outstanding: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    pending: list = field(default_factory=list)  # encode: float32 arrays; decode: int64 [K, t] arrays
+    pending_len: int = 0  # samples (encode) or frames (decode) buffered
+    ended: bool = False  # client half-closed: flush what is left, then END
+    finished: bool = False  # END queued
+    closed: bool = False  # handler gone: drop outputs
+    outstanding: int = 0  # outputs queued and not yet taken by the handler
+    next_index: int = 0
+    private_state: list | None = None  # batching=False: this session's own module states
+    started: float = field(default_factory=time.monotonic)
+
+    def _deliver(self, item) -> None:
+        if not self.closed:
+            self.queue.put_nowait(item)
+
+
+class SlotsFull(ServeError):
+    pass
+
+
+class Worker:
+    """Owns one codec's streaming state for `max_streams` encode and `max_streams` decode sessions."""
+
+    def __init__(self, codec, max_streams: int, batching: bool = True, max_outstanding: int = 250) -> None:
+        self.codec = codec
+        self.max_streams = max_streams
+        self.batching = batching
+        self.max_outstanding = max_outstanding
+        self.frame_size = codec.frame_size
+        self.total_codebooks = codec.total_codebooks
+        codec.set_num_codebooks(codec.total_codebooks)  # sessions take a prefix (code order is prefix-stable)
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.slots = {"encode": [None] * max_streams, "decode": [None] * max_streams}
+        self.to_reset = {"encode": set(), "decode": set()}
+        self.modules = {"encode": codec.encoder, "decode": codec.decoder}
+        self.steps = {"encode": 0, "decode": 0}
+        self.frames = {"encode": 0, "decode": 0}
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._contexts = []
+        self.error: BaseException | None = None
+
+    # -- lifetime -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Open the streaming contexts, warm the model up (blocking), then start the worker thread."""
+        batch = self.max_streams if self.batching else 1
+        for module in self.modules.values():
+            ctx = module.streaming(batch)
+            ctx.__enter__()
+            self._contexts.append(ctx)
+        with torch.no_grad():  # warm-up: first calls allocate and pick kernels
+            for _ in range(3):
+                codes = self.codec.encode_step(torch.zeros(batch, 1, self.frame_size))
+                self.codec.decode_step(codes)
+            for module in self.modules.values():
+                module.reset_streaming()
+        self._thread = threading.Thread(target=self._run, name="neurocodec-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self.wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        for ctx in reversed(self._contexts):
+            ctx.__exit__(None, None, None)
+        self._contexts.clear()
+
+    # -- sessions (called on the event loop) ------------------------------------------------------------
+    def free_slots(self, kind: str) -> int:
+        with self.lock:
+            return sum(s is None for s in self.slots[kind])
+
+    def open(self, kind: str, num_codebooks: int, loop: asyncio.AbstractEventLoop) -> Session:
+        with self.lock:
+            try:
+                slot = self.slots[kind].index(None)
+            except ValueError:
+                raise SlotsFull(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"all {self.max_streams} {kind} session slots are busy; retry later") from None
+            session = Session(kind, slot, num_codebooks, loop, self.max_outstanding)
+            if not self.batching:
+                module = self.modules[kind]
+                session.private_state = [m._init_streaming_state(1) for m in module._streaming_modules()]
+            self.slots[kind][slot] = session
+            self.to_reset[kind].add(slot)
+        return session
+
+    def close(self, session: Session) -> None:
+        with self.lock:
+            session.closed = True
+            if self.slots[session.kind][session.slot] is session:
+                self.slots[session.kind][session.slot] = None
+
+    def push(self, session: Session, data: np.ndarray) -> None:
+        with self.lock:
+            session.pending.append(data)
+            session.pending_len += data.shape[-1]
+        self.wake.set()
+
+    def end(self, session: Session) -> None:
+        with self.lock:
+            session.ended = True
+        self.wake.set()
+
+    def taken(self, session: Session, n: int) -> None:
+        """The handler took n outputs from the queue: room for more."""
+        with self.lock:
+            session.outstanding -= n
+        self.wake.set()
+
+    def buffered(self, session: Session) -> int:
+        with self.lock:
+            return session.pending_len
+
+    # -- the worker thread -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            while not self._stop:
+                self.wake.wait(timeout=0.1)
+                self.wake.clear()
+                while not self._stop and (self._step("encode") | self._step("decode")):
+                    pass
+        except BaseException as err:  # a model failure must not leave sessions hanging forever
+            self.error = err
+            with self.lock:
+                for kind in self.slots:
+                    for s in self.slots[kind]:
+                        if s is not None:
+                            s.loop.call_soon_threadsafe(s._deliver, ServeError(grpc.StatusCode.INTERNAL, f"model worker failed: {err}"))
+            raise
+
+    def _take_input(self, s: Session):
+        """Pop one step's input of a ready session (caller holds the lock), or None."""
+        if s.closed or s.finished or s.outstanding >= s.max_outstanding:
+            return None
+        if s.kind == "encode":
+            if s.pending_len < self.frame_size and not (s.ended and s.pending_len > 0):
+                return None
+            data = np.concatenate(s.pending) if len(s.pending) > 1 else s.pending[0]
+            frame, rest = data[: self.frame_size], data[self.frame_size:]
+            s.pending = [rest] if rest.size else []
+            s.pending_len = rest.size
+            if frame.size < self.frame_size:  # end of stream: zero-pad the partial frame (as offline encode)
+                frame = np.pad(frame, (0, self.frame_size - frame.size))
+            return frame
+        if s.pending_len == 0:
+            return None
+        first = s.pending[0]
+        frame = first[:, :1]
+        if first.shape[1] > 1:
+            s.pending[0] = first[:, 1:]
+        else:
+            s.pending.pop(0)
+        s.pending_len -= 1
+        return frame
+
+    def _step(self, kind: str) -> bool:
+        """One batched step over every ready session of `kind`; False when none was ready."""
+        with self.lock:
+            resets = sorted(self.to_reset[kind])
+            self.to_reset[kind].clear()
+            ready = []
+            for s in self.slots[kind]:
+                if s is None:
+                    continue
+                item = self._take_input(s)
+                if item is not None:
+                    ready.append((s, item))
+                    s.outstanding += 1
+                elif s.ended and not s.finished and s.pending_len == 0 and not s.closed:
+                    s.finished = True
+                    s.loop.call_soon_threadsafe(s._deliver, END)
+        module = self.modules[kind]
+        if resets and self.batching:
+            mask = torch.zeros(self.max_streams, dtype=torch.bool)
+            mask[resets] = True
+            module.reset_streaming(mask)
+        if not ready:
+            return False
+        if self.batching:
+            outputs = self._batched(kind, ready)
+        else:
+            outputs = [self._single(kind, s, item) for s, item in ready]
+        self.steps[kind] += 1
+        self.frames[kind] += len(ready)
+        for (s, _), out in zip(ready, outputs):
+            index = s.next_index
+            s.next_index += 1
+            s.loop.call_soon_threadsafe(s._deliver, (index, out))
+        return True
+
+    def _batched(self, kind: str, ready: list) -> list[np.ndarray]:
+        module = self.modules[kind]
+        if kind == "encode":
+            x = torch.zeros(self.max_streams, 1, self.frame_size)
+            slots = [s.slot for s, _ in ready]
+            x[slots, 0] = torch.from_numpy(np.stack([item for _, item in ready]))
+            module.set_exec_mask(self._mask(slots))
+            codes = self.codec.encode_step(x)[:, :, 0].numpy()  # [B, K]
+            return [codes[s.slot, : s.num_codebooks].copy() for s, _ in ready]
+        # decode: sessions may use different codebook counts -> one step per count, the others masked
+        results: dict[int, np.ndarray] = {}
+        for k in sorted({s.num_codebooks for s, _ in ready}):
+            group = [(s, item) for s, item in ready if s.num_codebooks == k]
+            codes = torch.zeros(self.max_streams, k, 1, dtype=torch.long)
+            slots = [s.slot for s, _ in group]
+            codes[slots] = torch.from_numpy(np.stack([item for _, item in group]))
+            module.set_exec_mask(self._mask(slots))
+            wav = self.codec.decode_step(codes)[:, 0].numpy()  # [B, frame_size]
+            for s, _ in group:
+                results[id(s)] = wav[s.slot].copy()
+        return [results[id(s)] for s, _ in ready]
+
+    def _single(self, kind: str, s: Session, item: np.ndarray) -> np.ndarray:
+        module = self.modules[kind]
+        for m, state in zip(module._streaming_modules(), s.private_state):
+            m._streaming_state = state  # swap this session's own state in (states are updated in place)
+        if kind == "encode":
+            codes = self.codec.encode_step(torch.from_numpy(item).view(1, 1, -1))
+            return codes[0, : s.num_codebooks, 0].numpy().copy()
+        return self.codec.decode_step(torch.from_numpy(item).unsqueeze(0))[0, 0].numpy().copy()
+
+    def _mask(self, slots: list[int]) -> torch.Tensor:
+        mask = torch.zeros(self.max_streams, dtype=torch.bool)
+        mask[slots] = True
+        return mask

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (see neurocodec/serve/stubs.py). Do not edit by hand."""

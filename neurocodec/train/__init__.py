@@ -1,0 +1,1 @@
+"""Codec training: Lightning module, losses, discriminators, data module, EMA, export (see fit.py)."""

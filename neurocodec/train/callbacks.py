@@ -1,0 +1,91 @@
+"""Checkpoint writing and codec export for training runs.
+
+* `AtomicCheckpointIO`: Lightning writes through fsspec, whose local "transaction" stages the file in the
+  system temp dir and then moves it — a copy, not an atomic rename, when /tmp is another filesystem. We
+  write `<name>.tmp` beside the target and `os.replace` it, so a crash never leaves a torn checkpoint.
+* `CodecExport`: every time a checkpoint is written, and at the end of training, the EMA generator is
+  exported to `<run>/codec.safetensors` (the format `neurocodec encode --model` loads). At the end it also
+  saves `checkpoints/last.ckpt`, checks that every process holds the same codebooks, and writes
+  `<run>/summary.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from ..codecs.checkpoint import save_codec
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def codebook_digest(codec: torch.nn.Module) -> str:
+    """SHA-256 over the quantizer's state (codebooks and their EMA statistics)."""
+    h = hashlib.sha256()
+    for name, t in sorted(codec.quantizer.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+class CodecExport(L.Callback):
+    def __init__(self, run_dir: Path, config_name: str) -> None:
+        self.run_dir = Path(run_dir)
+        self.config_name = config_name
+        self.codec_path = self.run_dir / "codec.safetensors"
+        self.summary: dict = {}
+
+    def export(self, trainer: L.Trainer, module) -> None:
+        if not trainer.is_global_zero:
+            return
+        codec = module.averaged_codec()
+        save_codec(codec, self.codec_path, metadata={
+            "gen_step": int(module.gen_step), "config_name": self.config_name,
+            "ema": module.ema is not None, "run_dir": str(self.run_dir)})
+
+    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
+        self.export(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        last = self.run_dir / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(last)  # also exports the codec (on_save_checkpoint)
+        digest = codebook_digest(module.codec)
+        digests = [digest]
+        if dist.is_available() and dist.is_initialized():
+            digests = [None] * dist.get_world_size()
+            dist.all_gather_object(digests, digest)
+        if trainer.is_global_zero:
+            datamodule = trainer.datamodule
+            self.summary = {
+                "gen_step": int(module.gen_step),
+                "lightning_global_step": int(trainer.global_step),
+                "world_size": trainer.world_size,
+                "codebook_sha256_per_rank": digests,
+                "codebooks_in_sync": len(set(digests)) == 1,
+                "codec": str(self.codec_path),
+                "checkpoint": str(last),
+                "skipped_files": [list(x) for x in getattr(datamodule, "skipped", [])],
+                "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+            }
+            tmp = self.run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(self.summary, indent=2))
+            tmp.replace(self.run_dir / "summary.json")

@@ -1,0 +1,157 @@
+"""The training config: typed sections read from a YAML config (`configs/*.yaml`) plus overrides.
+
+Sections: `model` (the codec, `neurocodec.codecs.model.CodecConfig`), `data`, `loss`, `optim`, `disc`,
+`trainer`. Every key is checked against these dataclasses, so a typo is an error that names the known
+keys, and `train/fit.py --help` is generated from them (one source for options, defaults and help).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from ..codecs.model import CodecConfig
+from ..config import ConfigError, from_dict, load_config
+from .discriminators import DiscConfig
+from .losses import LossConfig
+
+
+@dataclass
+class DataConfig:
+    manifest: str = "data/demo/manifest.jsonl"  # JSONL manifest (relative paths: from the repository / cwd)
+    train_split: str | None = "train"
+    valid_split: str | None = "valid"
+    segment_seconds: float = 1.0  # training crop length (rounded down to whole frames)
+    valid_segment_seconds: float = 2.0
+    batch_size: int = 16  # per process
+    valid_batch_size: int = 8
+    num_workers: int = 2
+    gain_db: list[float] = field(default_factory=lambda: [-6.0, 0.0])  # random gain of training crops
+    min_seconds: float | None = None  # skip shorter files
+    epoch_length: int | None = None  # training crops per (virtual) epoch; None: one per file
+    valid_items: int | None = 64  # validation crops (fixed, deterministic); None: all
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.valid_batch_size < 1:
+            raise ValueError("batch sizes must be >= 1")
+        if self.segment_seconds <= 0 or self.valid_segment_seconds <= 0:
+            raise ValueError("segment lengths must be > 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # generator AdamW
+    betas: list[float] = field(default_factory=lambda: [0.8, 0.99])
+    weight_decay: float = 0.0
+    disc_lr: float = 3e-4  # discriminator AdamW (same betas / weight decay)
+    lr_gamma: float = 0.999996  # ExponentialLR, stepped once per generator step (both optimisers)
+    grad_clip: float = 1000.0  # max grad norm of the generator (0: off)
+    disc_grad_clip: float = 10.0
+    disc_start_step: int = 0  # generator steps before the discriminator and the GAN losses start
+    ema_decay: float = 0.999  # EMA of generator weights (validation and export use it); 0: off
+    ema_start_step: int = 0  # EMA copies the weights until this generator step
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200000  # GENERATOR steps (discriminator steps are not counted)
+    accelerator: str = "auto"  # cpu | gpu | auto
+    devices: Any = 1  # int, list of device ids, or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_find_unused_parameters_true | ...
+    precision: Any = "32-true"  # 32-true | bf16-mixed (GPU) | 16-mixed
+    val_every: int = 1000  # generator steps between validations (and checkpoints, and codec export)
+    log_every: int = 50  # generator steps between logged training losses
+    pesq_items: int = 8  # validation items (per process) scored with PESQ-WB / STOI
+    audio_examples: int = 2  # validation items written to TensorBoard as audio
+    keep_checkpoints: int = 2  # most recent Lightning checkpoints kept (plus last.ckpt)
+    root_dir: str = "runs"
+    run_name: str | None = None  # default: <config name>[-<preset>]
+    seed: int = 0
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.val_every < 1 or self.log_every < 1:
+            raise ValueError("max_steps, val_every and log_every must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "codec"
+    preset: str | None = None
+    model: CodecConfig = field(default_factory=CodecConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    disc: DiscConfig = field(default_factory=DiscConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def _check_types(cls: type, data: dict, where: str) -> dict:
+    """Reject values of the wrong kind (`--data.batch_size eight`) before the dataclasses see them, and turn
+    ints into floats where floats are due. Unknown keys are left for `from_dict` to report."""
+    data = dict(data)
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key not in hints:
+            continue
+        hint, name = hints[key], f"{where}.{key}"
+        if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+            if isinstance(value, dict):
+                data[key] = _check_types(hint, value, name)
+            continue
+        options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+        if value is None:
+            if type(None) not in options:
+                raise ConfigError(f"{name} may not be empty")
+            continue
+        if hint is Any:
+            continue
+        ok = False
+        for option in options:
+            base = typing.get_origin(option) or option
+            if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+                data[key], ok = float(value), True
+            elif base is int and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            elif base in (str, bool, list, dict) and isinstance(value, base):
+                ok = True
+            if ok:
+                break
+        if not ok:
+            wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+            raise ConfigError(f"{name} must be {wanted}, got {value!r}")
+    return data
+
+
+def parse_train_config(raw: dict) -> TrainConfig:
+    """Validate a raw config dict (from `load_config`) into a `TrainConfig`; unknown keys are errors."""
+    return from_dict(TrainConfig, _check_types(TrainConfig, raw, "config"), "config")
+
+
+def load_train_config(name: str, preset: str | None = None, overrides: typing.Iterable[str] = ()) -> tuple[TrainConfig, dict]:
+    """(validated config, resolved raw dict as saved with the run)."""
+    raw = load_config(name, preset, overrides)
+    raw.setdefault("model", {})
+    config = parse_train_config(raw)
+    return config, dataclasses.asdict(config)
+
+
+def option_help(defaults: Any, current: Any | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(option, default, value in the chosen config) for every leaf field, from the dataclasses."""
+    rows = []
+    for f in dataclasses.fields(defaults):
+        if prefix == "" and f.name in ("name", "preset"):
+            continue
+        d = getattr(defaults, f.name)
+        c = getattr(current, f.name) if current is not None else None
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(d):
+            rows.extend(option_help(d, c, key + "."))
+        else:
+            rows.append((key, repr(d), "" if current is None else repr(c)))
+    return rows

@@ -1,0 +1,253 @@
+"""The Lightning module that trains a codec as a GAN generator (manual optimisation).
+
+One training step = one discriminator step (once `optim.disc_start_step` generator steps have passed)
+followed by one generator step. `gen_step` counts generator steps; it is a buffer, so it is saved in and
+restored from checkpoints. Lightning's own `global_step` counts every optimizer.step() (so it runs ahead
+of `gen_step` once the discriminator trains): `lightning_max_steps` converts a generator-step budget into
+Lightning's unit, and everything we show the user (progress bar, logs, checkpoint names) uses `gen_step`.
+
+Validation runs on the EMA generator in eval mode (codebooks frozen, no quantizer dropout), accumulates
+per-codebook usage over the whole validation set (summed across processes), scores PESQ-WB / STOI on a
+few items and logs audio examples.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..codecs.quantizers import CodebookUsage
+from ..eval.metrics import pesq_score, stoi_score
+from .config import TrainConfig
+from .discriminators import Discriminators
+from .ema import WeightEMA
+from .losses import (MultiResolutionMelLoss, MultiScaleSTFTLoss, discriminator_loss, feature_matching_loss,
+                     generator_adversarial_loss)
+
+
+def lightning_max_steps(max_steps: int, disc_start_step: int, has_disc: bool) -> int:
+    """Lightning counts each optimizer.step(): G steps plus D steps (D steps start at disc_start_step)."""
+    return max_steps + (max(0, max_steps - disc_start_step) if has_disc else 0)
+
+
+class CodecTrainingModule(L.LightningModule):
+    def __init__(self, config: TrainConfig, codec: nn.Module) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.config = config
+        self.codec = codec  # built by the caller BEFORE DDP starts (sync_codebook is fixed at construction)
+        self.disc = Discriminators(config.disc) if config.disc.kinds else None
+        loss = config.loss
+        self.mel_loss = MultiResolutionMelLoss(codec.sample_rate, loss.mel_windows, loss.mel_bins)
+        self.stft_loss = MultiScaleSTFTLoss(loss.stft_n_ffts)
+        self.ema = WeightEMA(codec, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
+        self.register_buffer("gen_step", torch.zeros((), dtype=torch.long))
+        self._pending_rng: dict | None = None
+        self._val: dict = {}
+
+    # -- optimisers ---------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.config.optim
+        opt_g = torch.optim.AdamW(self.codec.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        optimizers = [opt_g]
+        if self.disc is not None:
+            optimizers.append(torch.optim.AdamW(self.disc.parameters(), lr=o.disc_lr, betas=tuple(o.betas),
+                                                weight_decay=o.weight_decay))
+        schedulers = [torch.optim.lr_scheduler.ExponentialLR(opt, gamma=o.lr_gamma) for opt in optimizers]
+        return optimizers, schedulers
+
+    def _as_list(self, x) -> list:
+        return list(x) if isinstance(x, (list, tuple)) else [x]
+
+    # -- training -----------------------------------------------------------------------------------
+    def generator_losses(self, real: torch.Tensor, fake: torch.Tensor, quantizer_loss: torch.Tensor,
+                         use_gan: bool) -> dict[str, torch.Tensor]:
+        losses = {
+            "mel": self.mel_loss(fake, real),
+            "stft": self.stft_loss(fake, real),
+            "waveform": torch.nn.functional.l1_loss(fake.float(), real.float()),
+            "quantizer": quantizer_loss.float(),
+        }
+        if use_gan:
+            out_fake = self.disc(fake)
+            with torch.no_grad():
+                out_real = self.disc(real)
+            kind = self.config.loss.adversarial_kind
+            losses["adversarial"] = generator_adversarial_loss([o[0] for o in out_fake], kind)
+            losses["feature"] = feature_matching_loss([o[1] for o in out_real], [o[1] for o in out_fake])
+        return losses
+
+    def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        total = None
+        for name, value in losses.items():
+            weight = getattr(self.config.loss, name)
+            if weight:  # 0: computed and logged, but no gradient
+                total = weight * value if total is None else total + weight * value
+        return total if total is not None else losses["mel"] * 0.0
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self._pending_rng is not None:  # restore after the data pipeline has started (it draws seeds)
+            _set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        o, c = self.config.optim, self.config.trainer
+        step = int(self.gen_step)
+        optimizers = self._as_list(self.optimizers())
+        schedulers = self._as_list(self.lr_schedulers())
+        opt_g = optimizers[0]
+        real = batch
+        out = self.codec(real)
+        fake = out.audio
+        use_gan = self.disc is not None and step >= o.disc_start_step
+        logs: dict[str, torch.Tensor] = {}
+
+        if use_gan:
+            opt_d = optimizers[1]
+            out_real = self.disc(real)
+            out_fake = self.disc(fake.detach())
+            loss_d = discriminator_loss([r[0] for r in out_real], [f[0] for f in out_fake], self.config.loss.adversarial_kind)
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(loss_d)
+            if o.disc_grad_clip > 0:
+                self.clip_gradients(opt_d, gradient_clip_val=o.disc_grad_clip, gradient_clip_algorithm="norm")
+            opt_d.step()
+            logs["train/disc"] = loss_d.detach()
+
+        losses = self.generator_losses(real, fake, out.quantizer_loss, use_gan)
+        total = self.weighted_total(losses)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(total)
+        if o.grad_clip > 0:
+            norm = self.clip_gradients_norm(opt_g, o.grad_clip)
+            logs["train/grad_norm"] = norm
+        opt_g.step()
+        for sch in schedulers:
+            sch.step()
+        self.gen_step += 1
+        if self.ema is not None:
+            self.ema.update(self.codec, copy_only=step < o.ema_start_step)
+
+        logs.update({f"train/{k}": v.detach() for k, v in losses.items()})
+        logs["train/total"] = total.detach()
+        logs["train/lr"] = torch.tensor(opt_g.param_groups[0]["lr"])
+        logs.update({f"train/{k}": v.float() for k, v in out.metrics.items()})
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=real.shape[0])
+        self.log("gen_step", self.gen_step.float(), on_step=True, prog_bar=True, batch_size=real.shape[0])
+        self.log("mel", losses["mel"].detach(), on_step=True, prog_bar=True, logger=False, batch_size=real.shape[0])
+
+    def clip_gradients_norm(self, optimizer, max_norm: float) -> torch.Tensor:
+        """Clip through Lightning (so precision plugins unscale first) and return the pre-clip norm."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        return norm.detach()
+
+    # -- the generator used for evaluation / export ----------------------------------------------
+    def averaged_codec(self) -> nn.Module:
+        """The EMA generator (or a copy of the live one without EMA), detached and in eval mode."""
+        if self.ema is not None:
+            return self.ema.averaged(self.codec)
+        return copy.deepcopy(self.codec).eval().requires_grad_(False)
+
+    # -- validation ---------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"codec": self.averaged_codec(), "usage": CodebookUsage(self.codec.quantizer.cardinalities),
+                     "pesq": [], "stoi": [], "scored": 0}
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        v, c = self._val, self.config.trainer
+        codec = v["codec"]
+        with torch.no_grad():
+            out = codec(batch)
+        fake = out.audio.float()
+        b = batch.shape[0]
+        self.log("valid/mel", self.mel_loss(fake, batch), sync_dist=True, batch_size=b)
+        self.log("valid/waveform", torch.nn.functional.l1_loss(fake, batch.float()), sync_dist=True, batch_size=b)
+        v["usage"].update(out.codes)
+        sr = codec.sample_rate
+        for i in range(b):
+            if v["scored"] >= c.pesq_items:
+                break
+            ref, deg = batch[i, 0].float().cpu().numpy(), fake[i, 0].cpu().numpy()
+            try:
+                v["pesq"].append(pesq_score(ref, deg, sr))
+            except Exception:  # PESQ refuses silent / too short signals: skip the item
+                pass
+            v["stoi"].append(stoi_score(ref, deg, sr))
+            v["scored"] += 1
+        if batch_idx == 0 and self.global_rank == 0:
+            self._log_audio(batch, fake, sr)
+
+    def _log_audio(self, real: torch.Tensor, fake: torch.Tensor, sr: int) -> None:
+        for logger in self.loggers:
+            writer = getattr(logger, "experiment", None)
+            if hasattr(writer, "add_audio"):
+                step = int(self.gen_step)
+                for i in range(min(self.config.trainer.audio_examples, real.shape[0])):
+                    writer.add_audio(f"audio/{i}/original", real[i, 0].float().cpu().clamp(-1, 1), step, sample_rate=sr)
+                    writer.add_audio(f"audio/{i}/decoded", fake[i, 0].float().cpu().clamp(-1, 1), step, sample_rate=sr)
+
+    def on_validation_epoch_end(self) -> None:
+        v = self._val
+        counts = torch.stack(v["usage"].counts)  # [K, C] histograms of this process
+        scores = torch.tensor([sum(v["pesq"]), len(v["pesq"]), sum(v["stoi"]), len(v["stoi"])], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            device = self.device if self.device.type != "cpu" else torch.device("cpu")
+            counts, scores = counts.to(device), scores.to(device)
+            dist.all_reduce(counts)
+            dist.all_reduce(scores)
+            counts, scores = counts.cpu(), scores.cpu()
+        usage = CodebookUsage(v["usage"].cardinalities)
+        usage.counts = list(counts)
+        metrics = {f"valid/{k}": float(x) for k, x in usage.compute().items()}
+        n = len(usage.counts)
+        metrics["valid/usage_mean"] = sum(metrics[f"valid/codebook{k}/usage"] for k in range(n)) / n
+        metrics["valid/perplexity_mean"] = sum(metrics[f"valid/codebook{k}/perplexity"] for k in range(n)) / n
+        if scores[1] > 0:
+            metrics["valid/pesq"] = float(scores[0] / scores[1])
+        if scores[3] > 0:
+            metrics["valid/stoi"] = float(scores[2] / scores[3])
+        # Values are already the same on every process: log without another reduction.
+        self.log_dict(metrics, sync_dist=False)
+        self._val = {}
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["neurocodec"] = {"gen_step": int(self.gen_step), "rng": _get_rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        extra = checkpoint.get("neurocodec") or {}
+        if "rng" in extra:
+            self._pending_rng = extra["rng"]
+
+
+def _get_rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        except RuntimeError:  # a different number of GPUs than when saved: keep the fresh state
+            pass

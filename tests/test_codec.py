@@ -1,0 +1,148 @@
+"""Every shipped config: streaming == offline (codes bitwise, audio within 1e-5), per session under masks."""
+
+import random
+
+import pytest
+import torch
+
+from neurocodec.codecs.checkpoint import load_codec
+from neurocodec.codecs.commands import chunk_bounds, decode_streaming, encode_streaming
+from neurocodec.config import available_configs
+from neurocodec.errors import CodesError
+
+from conftest import synthetic_speechlike
+
+CONFIGS = ["grvq_4cb", "rvq_8cb", "fsq"]
+
+
+@pytest.fixture(scope="module", params=CONFIGS)
+def codec(request):
+    return load_codec(f"{request.param}:tiny")
+
+
+def signal(seconds, seed=0, batch=1):
+    return torch.stack([torch.from_numpy(synthetic_speechlike(seconds, seed=seed + b)) for b in range(batch)]).unsqueeze(1)
+
+
+def test_shipped_configs_are_tested():
+    assert set(CONFIGS) <= set(available_configs())
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 317, 320, 323, 999, 100000], ids=lambda c: f"chunk{c}")
+def test_streaming_encode_equals_offline(codec, chunk):
+    seconds = 0.2 if chunk == 1 else 0.9
+    wav = signal(seconds, batch=2)
+    offline = codec.encode(wav)
+    assert offline.shape == (2, codec.num_codebooks, codec.num_frames(wav.shape[-1]))
+    assert torch.equal(encode_streaming(codec, wav, chunk), offline)
+
+
+def test_streaming_encode_random_chunks(codec):
+    wav = signal(1.1, seed=3)
+    offline = codec.encode(wav)
+    rng = random.Random(5)
+    for _ in range(3):
+        pieces, pos = [], 0
+        with codec.encoder.streaming(1):
+            while pos < wav.shape[-1]:
+                n = rng.choice([1, 2, rng.randint(1, 700), rng.randint(300, 2000)])
+                pieces.append(codec.encode_step(wav[..., pos:pos + n]))
+                pos += n
+            pieces.append(codec.encode_flush())
+        assert torch.equal(torch.cat(pieces, -1), offline)
+
+
+@pytest.mark.parametrize("frames", [1, 2, 5, 64])
+def test_streaming_decode_equals_offline(codec, frames):
+    codes = codec.encode(signal(0.8, batch=2))
+    offline = codec.decode(codes)
+    assert offline.shape[-1] == codes.shape[-1] * codec.frame_size
+    torch.testing.assert_close(decode_streaming(codec, codes, frames), offline, atol=1e-5, rtol=0)
+
+
+def test_batch_of_sessions_with_execution_masks(codec):
+    """Sessions start at different times and advance at random: each still gets exactly its offline result."""
+    batch, n_frames, f = 3, 12, codec.frame_size
+    audio = [signal(n_frames * f / codec.sample_rate, seed=10 + b) for b in range(batch)]
+    expected_codes = [codec.encode(a) for a in audio]
+    expected_audio = [codec.decode(c) for c in expected_codes]
+    rng = random.Random(1)
+    got_codes = [[] for _ in range(batch)]
+    got_audio = [[] for _ in range(batch)]
+    pos = [0] * batch
+    with codec.streaming(batch):
+        codec.encoder.set_exec_mask(torch.zeros(batch, dtype=torch.bool))
+        codec.encode_step(torch.randn(batch, 1, f))  # a masked-out step must change nothing
+        while min(pos) < n_frames:
+            mask = torch.tensor([pos[b] < n_frames and rng.random() < 0.5 for b in range(batch)])
+            if not mask.any():
+                continue
+            chunk = torch.randn(batch, 1, f)  # garbage in masked slots
+            for b in range(batch):
+                if mask[b]:
+                    chunk[b] = audio[b][0, :, pos[b] * f:(pos[b] + 1) * f]
+            codec.set_exec_mask(mask)
+            codes = codec.encode_step(chunk)
+            frame_codes = codes.clone()
+            for b in range(batch):
+                if not mask[b]:
+                    frame_codes[b] = 0  # garbage codes in masked slots for the decoder too
+            wav = codec.decode_step(frame_codes)
+            for b in range(batch):
+                if mask[b]:
+                    got_codes[b].append(codes[b:b + 1])
+                    got_audio[b].append(wav[b:b + 1])
+                    pos[b] += 1
+            if rng.random() < 0.1:  # a session that ended is replaced by a new one in its slot
+                done = [b for b in range(batch) if pos[b] >= n_frames]
+                if done:
+                    codec.reset_streaming(torch.tensor([b in done for b in range(batch)]))
+    for b in range(batch):
+        assert torch.equal(torch.cat(got_codes[b], -1), expected_codes[b])
+        torch.testing.assert_close(torch.cat(got_audio[b], -1), expected_audio[b], atol=1e-5, rtol=0)
+
+
+def test_reset_gives_a_fresh_session(codec):
+    wav = signal(0.5, seed=7)
+    with codec.encoder.streaming(1):
+        codec.encode_step(signal(0.33, seed=8))
+        codec.encoder.reset_streaming()
+        codes = torch.cat([codec.encode_step(wav), codec.encode_flush()], -1)
+    assert torch.equal(codes, codec.encode(wav))
+
+
+def test_truncated_codebooks_decode(codec):
+    codes = codec.encode(signal(0.4))
+    for n in codec.allowed_num_codebooks():
+        assert codec.decode(codes[:, :n]).shape[-1] == codes.shape[-1] * codec.frame_size
+    bad = [n for n in range(1, codec.total_codebooks + 1) if n not in codec.allowed_num_codebooks()]
+    for n in bad:
+        with pytest.raises(CodesError):
+            codec.decode(codes[:, :n])
+
+
+def test_out_of_range_codes_are_refused(codec):
+    codes = codec.encode(signal(0.2))
+    codes[0, 0, 3] = codec.cardinality[0]
+    with pytest.raises(CodesError, match="out of range"):
+        codec.decode(codes)
+    with pytest.raises(CodesError):
+        codec.decode(codes.float())
+
+
+def test_chunk_bounds_cover_everything_once():
+    for total, chunk in [(1000, 112.0), (1000, 1.0), (999, 33.3), (5, 100.0)]:
+        bounds = chunk_bounds(total, chunk)
+        assert bounds[0][0] == 0 and bounds[-1][1] == total
+        assert all(a < b for a, b in bounds)
+        assert all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
+
+
+def test_config_seed_gives_identical_models():
+    a, b = load_codec("grvq_4cb:tiny"), load_codec("grvq_4cb:tiny")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    wav = signal(0.5)
+    codes = a.encode(wav)
+    assert torch.equal(codes, b.encode(wav))
+    assert codes.unique().numel() > 20  # k-means warm start spreads codes: not a degenerate all-zero model

@@ -1,0 +1,276 @@
+"""Evaluation: metrics sanity, real Opus / Codec2 baselines, the runner's JSON and error handling, reports,
+the `eval` command end to end, and the BENCHMARKS.md generator.
+
+The baselines run the real binaries (Debian opus-tools and codec2, installed by scripts/setup.sh): when they
+are missing these tests FAIL, on purpose — CI installs them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from neurocodec.audio import load_audio
+from neurocodec.cli import main
+from neurocodec.data.manifest import Utterance, read_manifest
+from neurocodec.eval.baselines import BaselineError, parse_baselines
+from neurocodec.eval.metrics import align
+from neurocodec.eval.runner import evaluate, find_clips, score, summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "data" / "demo" / "manifest.jsonl"
+
+
+def _espeak_clip(path: Path, text: str, voice: str = "en") -> Path:
+    """Fallback speech when the demo corpus is absent: espeak-ng, resampled to 16 kHz."""
+    raw = path.with_suffix(".raw.wav")
+    subprocess.run(["espeak-ng", "-v", voice, "-w", str(raw), text], check=True, capture_output=True)
+    sf.write(path, load_audio(raw, 16000)[0].numpy(), 16000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def speech_clips(tmp_path_factory) -> list[Path]:
+    """Two short real-speech clips: the held-out speaker of the demo corpus (espeak-ng if it is not there)."""
+    if DEMO.is_file():
+        test = sorted(read_manifest(DEMO, "test"), key=lambda u: u.duration or 0)
+        if len(test) >= 2:
+            return [Path(test[0].path), Path(test[1].path)]
+    tmp = tmp_path_factory.mktemp("speech")
+    return [_espeak_clip(tmp / "a.wav", "Press six to play the next message."),
+            _espeak_clip(tmp / "b.wav", "The weather today is cold and clear.", "en+f3")]
+
+
+@pytest.fixture(scope="module")
+def speech(speech_clips) -> np.ndarray:
+    return load_audio(speech_clips[0], 16000)[0].numpy()
+
+
+def _noisy(x: np.ndarray, snr_db: float, seed: int = 0) -> np.ndarray:
+    noise = np.random.default_rng(seed).standard_normal(len(x)).astype(np.float32)
+    noise *= np.sqrt(np.mean(x ** 2) / np.mean(noise ** 2) / 10 ** (snr_db / 10))
+    return x + noise
+
+
+# --- metrics -----------------------------------------------------------------------------------------
+def test_identity_scores_perfect(speech):
+    m = score(speech, speech.copy(), 16000, max_shift=800)
+    assert m["pesq"] == pytest.approx(4.64, abs=0.01)  # the top of the P.862.2 scale
+    assert m["pesq_nb"] > 4.4
+    assert m["stoi"] == pytest.approx(1.0, abs=1e-6)
+    assert m["mel_distance"] == pytest.approx(0.0, abs=1e-6)
+    assert m["si_sdr"] > 100
+    assert m["lag_ms"] == 0
+
+
+def test_noise_lowers_scores_monotonically(speech):
+    scores = [score(speech, _noisy(speech, snr), 16000, max_shift=800) for snr in (30, 15, 0)]
+    clean = score(speech, speech, 16000, max_shift=800)
+    pesq = [clean["pesq"]] + [s["pesq"] for s in scores]
+    stoi = [clean["stoi"]] + [s["stoi"] for s in scores]
+    mel = [clean["mel_distance"]] + [s["mel_distance"] for s in scores]
+    assert all(a > b for a, b in zip(pesq, pesq[1:])), pesq
+    assert all(a > b for a, b in zip(stoi, stoi[1:])), stoi
+    assert all(a < b for a, b in zip(mel, mel[1:])), mel
+    # SI-SDR of signal + white noise is the SNR (noise is uncorrelated with the signal)
+    for snr, s in zip((30, 15, 0), scores):
+        assert s["si_sdr"] == pytest.approx(snr, abs=0.5)
+
+
+def test_alignment_undoes_a_delay(speech):
+    delayed = np.concatenate([np.zeros(123, np.float32), speech])[: len(speech)]
+    ref, deg, lag = align(speech, delayed, 400)
+    assert lag == 123
+    assert score(speech, delayed, 16000, max_shift=400)["pesq"] > 4.5
+
+
+def test_summary_is_a_student_t_interval():
+    s = summarize([1.0, 2.0, 3.0])
+    assert s["mean"] == pytest.approx(2.0) and s["sd"] == pytest.approx(1.0) and s["n"] == 3
+    half = 4.302653 / math.sqrt(3)  # t(0.975, 2 dof)
+    assert s["ci95"] == pytest.approx([2.0 - half, 2.0 + half], rel=1e-5)
+    assert summarize([1.5])["ci95"] is None
+    assert summarize([float("nan"), None])["n"] == 0
+
+
+# --- baselines ----------------------------------------------------------------------------------------
+def test_baseline_binaries_are_installed():
+    """setup.sh installs opus-tools and codec2; evaluation without them is not evaluation."""
+    for tool in ("opusenc", "opusdec", "opusinfo", "c2enc", "c2dec"):
+        assert shutil.which(tool), f"{tool} missing: run scripts/setup.sh (apt-get install opus-tools codec2)"
+
+
+def test_opus_and_codec2_run_for_real(speech):
+    results = {}
+    for b in parse_baselines("opus:6,opus:12,codec2:3200,codec2:700C"):
+        decoded, kbps = b.run(speech, 16000)
+        assert abs(len(decoded) - len(speech)) < 0.05 * 16000  # codec2 drops the last partial frame
+        results[b.name] = (score(speech, decoded, 16000, max_shift=800), kbps)
+    # hard CBR: the payload rate is the one asked for
+    assert results["Opus 6 kbps"][1] == pytest.approx(6.0, rel=0.03)
+    assert results["Opus 12 kbps"][1] == pytest.approx(12.0, rel=0.03)
+    # codec2's bit file is exactly its bitrate (700C packs 28-bit frames in 4 bytes: 800 bit/s on disk)
+    assert results["Codec2 3200"][1] == pytest.approx(3.2, rel=0.03)
+    assert results["Codec2 700C"][1] == pytest.approx(0.8, rel=0.03)
+    for name, (m, _) in results.items():
+        assert 1.0 <= m["pesq"] < 4.3, (name, m)  # really coded: well below identity
+        assert 0.3 < m["stoi"] < 0.999, (name, m)
+    # more bits, better quality: the codecs really ran at the requested rates
+    assert results["Opus 12 kbps"][0]["pesq"] > results["Opus 6 kbps"][0]["pesq"]
+    assert results["Codec2 3200"][0]["stoi"] > results["Codec2 700C"][0]["stoi"]
+
+
+def test_parse_baselines_validates():
+    names = [b.name for b in parse_baselines("opus:6, opus:6 ,codec2:700c,identity")]
+    assert names == ["Opus 6 kbps", "Codec2 700C", "identity"]
+    assert parse_baselines("none") == []
+    for bad in ("opus:3", "opus:x", "codec2:999", "mp3:128"):
+        with pytest.raises(BaselineError):
+            parse_baselines(bad)
+
+
+# --- runner, report --------------------------------------------------------------------------------
+def _tiny_codec(name: str = "grvq_4cb"):
+    """A tiny codec without the k-means warm start (fast); the evaluation path is the same."""
+    from neurocodec.codecs.checkpoint import build_codec
+    from neurocodec.config import load_config
+
+    return build_codec(load_config(name, "tiny")["model"], name=f"{name}:tiny").eval()
+
+
+def test_evaluate_one_row_per_system_and_bad_clip_reported(speech_clips, tmp_path):
+    bad = tmp_path / "corrupt.wav"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    short = tmp_path / "short.wav"  # readable but too short for PESQ: every system fails on it
+    sf.write(short, 0.01 * np.random.default_rng(0).standard_normal(400).astype(np.float32), 16000)
+    clips = [Utterance(id=p.stem, path=str(p)) for p in speech_clips]
+    clips.insert(1, Utterance(id="corrupt", path=str(bad)))
+    clips.append(Utterance(id="short", path=str(short)))
+    result = evaluate(_tiny_codec(), clips, None, parse_baselines("identity,opus:6,codec2:3200"),
+                      model_spec="grvq_4cb:tiny", progress=False)
+    payload = result.to_json()
+    names = [r["system"] for r in payload["systems"]]
+    assert names == ["ours K=4", "identity", "Opus 6 kbps", "Codec2 3200"]
+    rows = {r["system"]: r for r in payload["systems"]}
+    assert all(r["n_clips"] == 2 for r in rows.values())
+    assert rows["identity"]["pesq"]["mean"] == pytest.approx(4.64, abs=0.01)
+    assert rows["ours K=4"]["kbps"] == pytest.approx(2.0)  # 4 x log2(1024) x 50 / 1000
+    assert rows["Opus 6 kbps"]["pesq"]["mean"] < rows["identity"]["pesq"]["mean"]
+    ci = rows["Opus 6 kbps"]["pesq"]["ci95"]
+    assert ci[0] <= rows["Opus 6 kbps"]["pesq"]["mean"] <= ci[1]
+    # the corrupt file is one error for the clip; the short one an error per system; nothing fatal
+    clip_errors = [e for e in payload["errors"] if e["clip"] == "corrupt"]
+    assert len(clip_errors) == 1 and clip_errors[0]["system"] is None and "cannot read" in clip_errors[0]["error"]
+    assert {e["system"] for e in payload["errors"] if e["clip"] == "short"} == set(names)
+    assert payload["data"]["n_clips"] == 4
+    # codebook usage over the set, one entry per codebook
+    usage = payload["codebooks"]["K=4"]
+    assert len(usage) == 4 and all(0 < u["usage"] <= 1 and u["cardinality"] == 1024 for u in usage)
+    assert sum(u["codes_seen"] for u in usage) == 4 * sum(
+        -(-len(load_audio(p, 16000)[0]) // 320) for p in speech_clips)
+    assert payload["model"]["trained"] is False
+
+    from neurocodec.eval.report import write_report
+
+    paths = write_report(result, tmp_path / "report")
+    saved = json.loads(paths["json"].read_text())
+    assert [r["system"] for r in saved["systems"]] == names
+    md = paths["markdown"].read_text()
+    assert "UNTRAINED" in md and "corrupt" in md and "| Opus 6 kbps |" in md
+    for key in ("pesq_vs_kbps", "spectrograms", "codebook_usage"):
+        data = paths[key].read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        assert f"({paths[key].name})" in md
+
+
+def test_variable_bitrate_rows_per_k(speech_clips):
+    codec = _tiny_codec("rvq_8cb")
+    ks = codec.allowed_num_codebooks()
+    pick = [ks[0], ks[-1]]
+    result = evaluate(codec, [Utterance(id="a", path=str(speech_clips[0]))], pick, [], progress=False)
+    rows = result.to_json()["systems"]
+    assert [r["num_codebooks"] for r in rows] == pick
+    assert rows[0]["kbps"] < rows[1]["kbps"]
+    assert set(result.codebooks) == {f"K={k}" for k in pick}
+    assert len(result.codebooks[f"K={pick[-1]}"]) == pick[-1]
+    assert codec.num_codebooks == max(ks)  # restored after the run
+
+
+def test_find_clips_folder_manifest_and_errors(tmp_path, speech_clips):
+    for i, p in enumerate(speech_clips):
+        shutil.copy(p, tmp_path / f"clip{i}{p.suffix}")
+    (tmp_path / "notes.txt").write_text("not audio")
+    assert [c.id for c in find_clips(tmp_path)] == ["clip0", "clip1"]
+    assert len(find_clips(tmp_path, max_clips=1)) == 1
+    from neurocodec.errors import UserError
+
+    with pytest.raises(UserError, match="manifest"):
+        find_clips(tmp_path, split="test")
+    with pytest.raises(UserError):
+        find_clips(tmp_path / "missing")
+
+
+# --- the command ------------------------------------------------------------------------------------
+def test_eval_cli_end_to_end(speech_clips, tmp_path, capsys):
+    manifest = tmp_path / "manifest.jsonl"
+    rows = [{"id": f"clip{i}", "path": str(p), "split": "test"} for i, p in enumerate(speech_clips)]
+    rows.insert(1, {"id": "missing", "path": str(tmp_path / "nowhere.flac"), "split": "test"})
+    rows.append({"id": "train-only", "path": str(speech_clips[0]), "split": "train"})
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out_json, report = tmp_path / "eval.json", tmp_path / "report"
+    rc = main(["eval", "--model", "grvq_4cb:tiny", "--data", str(manifest), "--split", "test",
+               "--baselines", "opus:6,codec2:3200", "--json", str(out_json), "--report", str(report)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    payload = json.loads(out_json.read_text())
+    assert [r["system"] for r in payload["systems"]] == ["ours K=4", "Opus 6 kbps", "Codec2 3200"]
+    assert payload["data"]["n_clips"] == 3 and payload["data"]["n_scored"] == 2
+    assert [e["clip"] for e in payload["errors"]] == ["missing"]
+    assert "| ours K=4 | 2.00 |" in printed and "error: missing" in printed and "UNTRAINED" in printed
+    assert (report / "report.md").is_file() and (report / "spectrograms.png").is_file()
+    assert json.loads((report / "results.json").read_text())["systems"] == payload["systems"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--baselines", "opus:2"], "Opus codes mono"),
+    (["--max-clips", "0"], "--max-clips"),
+    (["--data", "/nonexistent/dir"], "neither a folder"),
+])
+def test_eval_cli_user_errors(argv, message, capsys, tmp_path):
+    args = ["eval", "--model", "grvq_4cb:tiny", "--data", str(tmp_path)] + argv
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+# --- benchmarks -------------------------------------------------------------------------------------
+def test_benchmarks_markdown_from_results(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    figs = [common.figure("encode+decode speed", 120.0, "x real time", reference="encodec", reference_value=40.0,
+                          target="single_stream_speed"),
+            common.figure("p99 latency", 35.0, "ms", target="served_p99_latency")]
+    assert figs[0]["ratio"] == pytest.approx(3.0) and figs[0]["met"] is True and figs[1]["met"] is False
+    common.write_result("codec_speed", {"title": "Codec speed", "figures": figs}, quick=True, out_dir=tmp_path)
+    common.write_result("legacy", {"throughput": 12.5, "note": "no figures"}, out_dir=tmp_path)
+    (tmp_path / "broken.json").write_text("{not json")
+    data = json.loads((tmp_path / "codec_speed.json").read_text())
+    assert data["machine"]["cpu_count"] and data["versions"]["torch"] and data["date"] and data["quick"] is True
+
+    from neurocodec.eval.benchmarks import write_benchmarks_md
+
+    md = write_benchmarks_md(tmp_path, tmp_path / "BENCHMARKS.md", {"serve_latency": "exit code 1"}).read_text()
+    assert "## Codec speed" in md and "| 3 x |" in md and "**met**" in md and "**not met**" in md
+    assert "serve_latency" in md and "throughput" in md and "unreadable" in md
+    assert data["machine"]["cpu_model"] in md

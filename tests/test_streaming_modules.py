@@ -1,0 +1,143 @@
+"""Streaming layers give exactly their offline output for any chunking, per session, under execution masks."""
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from neurocodec.codecs.streaming import (StreamingConv1d, StreamingConvTranspose1d, StreamingLSTM,
+                                         StreamingShapeError, StreamingTransformer)
+
+
+def run_chunked(module, x, sizes):
+    """Feed x [B, C, T] in chunks of the given sizes (cycled) inside a streaming context."""
+    outs, pos, i = [], 0, 0
+    with module.streaming(x.shape[0]):
+        while pos < x.shape[-1]:
+            n = sizes[i % len(sizes)]
+            outs.append(module(x[..., pos:pos + n]))
+            pos, i = pos + n, i + 1
+    return torch.cat(outs, dim=-1)
+
+
+CHUNKINGS = [[1], [2, 3], [7], [64], [5, 1, 33], [1000]]
+
+
+@pytest.mark.parametrize("kernel,stride,dilation", [
+    (k, s, d) for k, s, d in itertools.product([1, 3, 4, 7, 10], [1, 2, 3, 5, 8], [1, 2, 3]) if (k - 1) * d + 1 >= s
+])
+def test_conv1d_streaming_equals_offline(kernel, stride, dilation):
+    torch.manual_seed(kernel * 100 + stride * 10 + dilation)
+    conv = StreamingConv1d(3, 4, kernel, stride=stride, dilation=dilation).eval()
+    x = torch.randn(2, 3, 8 * stride * 5 + 3)
+    with torch.no_grad():
+        offline = conv(x)
+        assert offline.shape[-1] == x.shape[-1] // stride
+        for sizes in CHUNKINGS:
+            streamed = run_chunked(conv, x, sizes)
+            assert streamed.shape == offline.shape
+            torch.testing.assert_close(streamed, offline, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kernel,stride", [(k, s) for k, s in itertools.product([1, 2, 4, 6, 9, 16], [1, 2, 3, 4, 8]) if k >= s])
+def test_conv_transpose_streaming_equals_offline(kernel, stride):
+    torch.manual_seed(kernel * 10 + stride)
+    convtr = StreamingConvTranspose1d(3, 2, kernel, stride=stride).eval()
+    torch.nn.init.normal_(convtr.bias)
+    x = torch.randn(2, 3, 23)
+    with torch.no_grad():
+        offline = convtr(x)
+        assert offline.shape[-1] == x.shape[-1] * stride
+        for sizes in [[1], [2], [4, 1], [5], [100]]:
+            torch.testing.assert_close(run_chunked(convtr, x, sizes), offline, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("factory", [lambda: StreamingLSTM(8, 2), lambda: StreamingTransformer(8, 2, 2, context=5)],
+                         ids=["lstm", "transformer"])
+def test_bottlenecks_stream_exactly_and_match_training_path(factory):
+    torch.manual_seed(0)
+    module = factory()
+    x = torch.randn(2, 8, 17)
+    with torch.no_grad():
+        module.train()
+        parallel = module(x)  # the fast whole-sequence path used in training
+        module.eval()
+        offline = module(x)
+        torch.testing.assert_close(offline, parallel, atol=1e-5, rtol=0)
+        for sizes in [[1], [3], [4, 1, 6], [17]]:
+            assert torch.equal(run_chunked(module, x, sizes), offline)  # bitwise: codes downstream must not flip
+
+
+def test_transformer_context_is_bounded():
+    torch.manual_seed(0)
+    module = StreamingTransformer(8, 1, 2, context=4).eval()
+    x = torch.randn(1, 8, 12)
+    y = torch.randn(1, 8, 12)
+    y[..., 8:] = x[..., 8:]  # same last 4 frames, different history
+    with torch.no_grad():
+        # frame 11 sees frames 8..11 only, so its output cannot depend on what came before
+        torch.testing.assert_close(module(x)[..., 11], module(y)[..., 11], atol=1e-6, rtol=0)
+        assert not torch.allclose(module(x)[..., 8], module(y)[..., 8])
+
+
+def test_exec_mask_keeps_state_and_sessions_are_independent():
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(StreamingConv1d(1, 4, 7), torch.nn.ELU(), StreamingConv1d(4, 4, 4, stride=2),
+                              StreamingConvTranspose1d(4, 2, 4, stride=2), StreamingLSTM(2, 1)).eval()
+    from neurocodec.codecs.streaming import StreamingContainer
+
+    class Wrap(StreamingContainer):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x)
+
+    model = Wrap().eval()
+    frame, n_frames, batch = 4, 9, 3
+    signals = torch.randn(batch, 1, frame * n_frames)
+    with torch.no_grad():
+        expected = [model(signals[b:b + 1]) for b in range(batch)]
+        rng = random.Random(0)
+        produced = [[] for _ in range(batch)]
+        position = [0] * batch
+        with model.streaming(batch):
+            while min(position) < n_frames:
+                mask = torch.tensor([position[b] < n_frames and rng.random() < 0.6 for b in range(batch)])
+                if not mask.any():
+                    continue
+                model.set_exec_mask(mask)
+                chunk = torch.zeros(batch, 1, frame)
+                for b in range(batch):
+                    if mask[b]:
+                        chunk[b] = signals[b, :, position[b] * frame:(position[b] + 1) * frame]
+                out = model(chunk)
+                for b in range(batch):
+                    if mask[b]:
+                        produced[b].append(out[b:b + 1])
+                        position[b] += 1
+        for b in range(batch):
+            torch.testing.assert_close(torch.cat(produced[b], dim=-1), expected[b], atol=1e-6, rtol=0)
+
+
+def test_reset_restarts_only_chosen_sessions():
+    torch.manual_seed(2)
+    conv = StreamingConv1d(1, 2, 5).eval()
+    x = torch.randn(2, 1, 10)
+    with torch.no_grad(), conv.streaming(2):
+        conv(x)
+        conv.reset_streaming(torch.tensor([True, False]))
+        after = conv(x)
+    fresh = conv(x)
+    torch.testing.assert_close(after[0], fresh[0], atol=1e-6, rtol=0)  # session 0 starts again from silence
+    assert not torch.allclose(after[1], fresh[1])  # session 1 still remembers its past
+
+
+def test_masked_step_with_partial_frames_is_refused():
+    conv = StreamingConv1d(1, 1, 4, stride=2)
+    with conv.streaming(2):
+        conv.set_exec_mask(torch.tensor([True, False]))
+        with pytest.raises(StreamingShapeError):
+            conv(torch.zeros(2, 1, 3))  # 3 samples leave a half window: buffer length would change
