@@ -30,7 +30,7 @@ def test_shipped_configs_are_tested():
 
 @pytest.mark.parametrize("chunk", [1, 7, 317, 320, 323, 999, 100000], ids=lambda c: f"chunk{c}")
 def test_streaming_encode_equals_offline(codec, chunk):
-    seconds = 0.2 if chunk == 1 else 0.9
+    seconds = {1: 0.05, 7: 0.3}.get(chunk, 0.9)  # tiny chunks mean thousands of steps: keep the clip short
     wav = signal(seconds, batch=2)
     offline = codec.encode(wav)
     assert offline.shape == (2, codec.num_codebooks, codec.num_frames(wav.shape[-1]))

@@ -204,6 +204,22 @@ def test_variable_bitrate_rows_per_k(speech_clips):
     assert codec.num_codebooks == max(ks)  # restored after the run
 
 
+def test_narrow_band_material_is_scored_at_8k_with_pesq_nb(speech, tmp_path):
+    from neurocodec.audio import resample
+    import torch
+
+    narrow = tmp_path / "phone.wav"
+    sf.write(narrow, resample(torch.from_numpy(speech)[None], 16000, 8000)[0].numpy(), 8000)
+    result = evaluate(_tiny_codec(), [Utterance(id="phone", path=str(narrow))], None,
+                      parse_baselines("identity,codec2:3200"), progress=False)
+    payload = result.to_json()
+    assert payload["scoring"]["sample_rate"] == 8000 and "narrow" in payload["scoring"]["pesq"]
+    rows = {r["system"]: r for r in payload["systems"]}
+    assert rows["identity"]["pesq"]["mean"] > 4.4  # top of the P.862 scale
+    assert rows["Codec2 3200"]["pesq"]["mean"] == pytest.approx(rows["Codec2 3200"]["pesq_nb"]["mean"])
+    assert rows["ours K=4"]["n_clips"] == 1
+
+
 def test_find_clips_folder_manifest_and_errors(tmp_path, speech_clips):
     for i, p in enumerate(speech_clips):
         shutil.copy(p, tmp_path / f"clip{i}{p.suffix}")

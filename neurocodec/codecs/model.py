@@ -8,6 +8,14 @@ separate `encoder.streaming(...)` and `decoder.streaming(...)` contexts that a s
 
 Bitrate = sum over codebooks in use of log2(cardinality_k) x frame_rate (bits of the raw code indices,
 no entropy coding).
+
+Exact encoding: float32 kernels round differently for different input shapes (a 7-sample chunk, a
+1-frame step, a whole file, a batch of 1 or of 64 all take different code paths), so latents differ
+by ~1e-7 between chunkings, and where two code vectors are that close to a latent the chosen code
+flips. For codes that do not depend on chunking or batching, inference runs the encoder and the
+nearest-code search in float64 (`set_exact_encoding`, on by default in `load_codec`): shape-dependent
+rounding then sits ~1e-16 below any realistic tie. The decoder stays float32 (audio is compared with
+a tolerance). Training runs in float32 (or bf16) as usual.
 """
 
 from __future__ import annotations
@@ -143,17 +151,34 @@ class Codec(StreamingContainer):
     def num_frames(self, num_samples: int) -> int:
         return -(-num_samples // self.frame_size)
 
+    def set_exact_encoding(self, exact: bool = True) -> None:
+        """Run the encoder and the quantizer in float64 at inference; see the module docstring."""
+        dtype = torch.float64 if exact else torch.float32
+        self.encoder.to(dtype)
+        self.quantizer.to(dtype)
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
+
+    def _encode_latent(self, wav: torch.Tensor) -> torch.Tensor:
+        return self.encoder(wav.to(self.encoder_dtype))
+
     @torch.no_grad()
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
         """Codes [B, K, ceil(N / frame_size)] for audio [B, 1, N] at `sample_rate`."""
         self._check_wav(wav)
-        return self.quantizer.encode(self.encoder(self.pad_to_frames(wav)), self.num_codebooks)
+        return self.quantizer.encode(self._encode_latent(self.pad_to_frames(wav)), self.num_codebooks)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Audio [B, 1, T * frame_size] for codes [B, k, T]."""
         self.check_codes(codes)
-        return self.decoder(self.quantizer.decode(codes))
+        return self._decode_latent(codes)
+
+    def _decode_latent(self, codes: torch.Tensor) -> torch.Tensor:
+        decoder_dtype = next(self.decoder.parameters()).dtype
+        return self.decoder(self.quantizer.decode(codes).to(decoder_dtype))
 
     def check_codes(self, codes: torch.Tensor) -> None:
         if codes.dim() != 3:
@@ -174,7 +199,7 @@ class Codec(StreamingContainer):
     def encode_step(self, chunk: torch.Tensor) -> torch.Tensor:
         """Feed the next chunk of audio (any length) of each session; returns the frames it completes."""
         self._check_wav(chunk)
-        return self.quantizer.encode(self.encoder(chunk), self.num_codebooks)
+        return self.quantizer.encode(self._encode_latent(chunk), self.num_codebooks)
 
     @torch.no_grad()
     def encode_flush(self) -> torch.Tensor:
@@ -193,7 +218,7 @@ class Codec(StreamingContainer):
     def decode_step(self, codes: torch.Tensor) -> torch.Tensor:
         """Feed the next frames of codes [B, k, t]; returns their t * frame_size samples per session."""
         self.check_codes(codes)
-        return self.decoder(self.quantizer.decode(codes))
+        return self._decode_latent(codes)
 
 
 FAMILIES: dict[str, type[nn.Module]] = {"seanet": Codec}

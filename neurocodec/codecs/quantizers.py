@@ -218,6 +218,31 @@ class Quantizer(nn.Module):
         metrics = codebook_metrics(codes.detach(), self.cardinalities)
         return QuantizedResult(z_q=z_q.transpose(1, 2), codes=codes, loss=loss, metrics=metrics)
 
+    @torch.no_grad()
+    def initialize_codebooks(self, z: torch.Tensor, kmeans_iters: int | None = None) -> None:
+        """One training-mode pass over latents `z` with every layer active (no quantizer dropout), so that
+        k-means (with `kmeans_iters` iterations if given) initialises every codebook. Used for models
+        built from a config alone."""
+        residuals = [m for m in self.impl.modules() if hasattr(m, "quantize_dropout")]
+        saved = [m.quantize_dropout for m in residuals]
+        for m in residuals:
+            m.quantize_dropout = False
+        if kmeans_iters is not None:
+            for m in self.impl.modules():
+                if hasattr(m, "kmeans_iters"):
+                    m.kmeans_iters = kmeans_iters
+        was_training = self.training
+        try:
+            self.train()
+            self.forward(z)
+        finally:
+            for m, value in zip(residuals, saved):
+                m.quantize_dropout = value
+            for m in self.impl.modules():
+                if hasattr(m, "kmeans_iters"):
+                    m.kmeans_iters = self.config.kmeans_iters
+            self.train(was_training)
+
     # -- inference ----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, z: torch.Tensor, n_q: int | None = None) -> torch.Tensor:
@@ -253,9 +278,10 @@ class Quantizer(nn.Module):
             indices = []
             for layer in rvq.layers[:layers_needed]:
                 codebook = layer._codebook.embed[0]  # [C, d], a view of the stored codebook
+                duplicates = _duplicate_entries(codebook)
                 dist = (residual.pow(2).sum(-1, keepdim=True) - 2 * residual @ codebook.t()
                         + codebook.pow(2).sum(-1))
-                idx = dist.masked_fill(_duplicate_entries(codebook), float("inf")).argmin(-1)
+                idx = dist.masked_fill(duplicates, float("inf")).argmin(-1)
                 residual = residual - codebook[idx]
                 indices.append(idx)
             per_group.append(torch.stack(indices, dim=-1))  # [B, T, q]

@@ -40,12 +40,19 @@ class StreamingState:
     def tensor_fields(self) -> list[str]:
         return [f.name for f in fields(self) if f.name != "exec_mask" and isinstance(getattr(self, f.name), torch.Tensor)]
 
-    def reset(self, mask: torch.Tensor) -> None:
-        """Zero the state of the items where `mask` is True (back to the start of a stream)."""
+    def reset_from(self, fresh: "StreamingState", mask: torch.Tensor) -> None:
+        """Give the items in `mask` the values of `fresh` (a newly initialised state)."""
         for name in self.tensor_fields():
-            value = getattr(self, name)
-            chosen = mask.view(-1, *([1] * (value.dim() - 1)))
-            setattr(self, name, torch.where(chosen, torch.zeros_like(value), value))
+            old, new = getattr(self, name), getattr(fresh, name)
+            if old.shape != new.shape:
+                if not bool(mask.all()):
+                    raise StreamingShapeError(
+                        "only whole-frame positions can be reset per session; this state holds a partial frame "
+                        "(reset all sessions, or feed whole frames)")
+                setattr(self, name, new)
+                continue
+            chosen = mask.to(old.device).view(-1, *([1] * (old.dim() - 1)))
+            setattr(self, name, torch.where(chosen, new, old))
 
 
 def _masked_update(old: torch.Tensor, new: torch.Tensor, exec_mask: torch.Tensor, what: str) -> torch.Tensor:
@@ -108,7 +115,7 @@ class StreamingModule(nn.Module):
             if state is None:
                 raise RuntimeError("reset_streaming() called outside a streaming context")
             m = torch.ones_like(state.exec_mask) if mask is None else mask.to(state.exec_mask.device)
-            state.reset(m)
+            state.reset_from(module._init_streaming_state(len(m)), m)
 
     def set_exec_mask(self, mask: torch.Tensor) -> None:
         """Items where `mask` is False keep their state on the following steps."""

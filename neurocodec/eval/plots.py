@@ -83,7 +83,7 @@ def plot_spectrograms(example: dict | None, path: str | Path) -> Path | None:
         frames = np.lib.stride_tricks.sliding_window_view(sig, n_fft)[::hop] * window
         specs.append(20 * np.log10(np.abs(np.fft.rfft(frames, axis=-1)).T + 1e-6))
     top = max(s.max() for s in specs)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.3 * len(panels)), dpi=110, sharex=True, squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.2 * len(panels)), dpi=80, sharex=True, squeeze=False)
     for ax, (name, _), spec in zip(axes[:, 0], panels, specs):
         duration = spec.shape[1] * hop / sr
         im = ax.imshow(spec, origin="lower", aspect="auto", cmap="magma", vmin=top - 80, vmax=top,
@@ -109,15 +109,17 @@ def plot_codebook_usage(payload: dict, counts: dict[str, list[list[float]]], pat
     idx = np.arange(len(rows))
     usage = [100 * r["usage"] for r in rows]
     bars = ax1.bar(idx, usage, color="tab:blue")
-    for b, r in zip(bars, rows):
-        ax1.text(b.get_x() + b.get_width() / 2, b.get_height() + 1, f"{100 * r['usage']:.0f}%\n"
-                 f"H={r['entropy_bits']:.1f}b", ha="center", va="bottom", fontsize=7)
+    for b, r in zip(bars, rows):  # inside the bar, clear of the target line
+        inside = b.get_height() > 25
+        ax1.text(b.get_x() + b.get_width() / 2, b.get_height() - 2 if inside else b.get_height() + 2,
+                 f"{100 * r['usage']:.0f}%\nH={r['entropy_bits']:.1f} b", ha="center",
+                 va="top" if inside else "bottom", fontsize=7, color="white" if inside else "black")
     ax1.axhline(95, color="tab:red", linestyle="--", linewidth=1, label="target 95%")
     ax1.set_xticks(idx)
     ax1.set_xticklabels([str(r["codebook"]) for r in rows])
     ax1.set_xlabel("codebook")
     ax1.set_ylabel("entries used (%)")
-    ax1.set_ylim(0, 118)
+    ax1.set_ylim(0, 105)
     ax1.legend(loc="lower right", fontsize=8)
     for i, h in enumerate(hist):
         total = h.sum()
@@ -132,7 +134,7 @@ def plot_codebook_usage(payload: dict, counts: dict[str, list[list[float]]], pat
     ax2.set_xlim(1, card)
     ax2.set_xlabel(f"entry rank (of {card})")
     ax2.set_ylabel("frequency")
-    ax2.legend(fontsize=7, ncol=2)
+    ax2.legend(fontsize=7, ncol=2, loc="best")
     ax2.grid(True, alpha=0.3)
     title = f"codebook usage, {key}, {int(sum(h.sum() for h in hist) / max(len(hist), 1)):,} frames"
     if not payload["model"].get("trained"):

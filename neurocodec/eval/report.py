@@ -94,8 +94,7 @@ def markdown(payload: dict, figures: dict[str, str] | None = None, title: str | 
     out += [
         f"- data: `{data['source']}`{split}: {data['n_scored']} of {data['n_clips']} clips scored, "
         f"{data['seconds']:.1f} s of audio",
-        f"- scoring at {scoring['sample_rate']} Hz, PESQ {scoring['pesq']}; every decoded signal is "
-        f"{scoring['alignment']}",
+        f"- scoring at {scoring['sample_rate']} Hz, PESQ {scoring['pesq']}; alignment: {scoring['alignment']}",
         f"- our kbps: {scoring['bitrate']} (nominal, no entropy coding); baselines: nominal "
         "(measured in brackets when it differs)",
         f"- Opus: {scoring['opus']}",

@@ -12,6 +12,7 @@ Failures raise `ServiceError` (a UserError: the CLI prints it on one line) carry
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import AsyncIterable, AsyncIterator, Iterable, Iterator
 
@@ -207,27 +208,53 @@ class AsyncCodecClient(_Base):
         except grpc.RpcError as err:
             raise _wrap(err) from None
 
+    async def _bidi(self, method, requests: AsyncIterator, parse) -> AsyncIterator:
+        """Run a bidi call writing from a task (explicit writes: when the server ends the call early, its
+        status - not a failed write - is what the caller sees)."""
+        call = method(metadata=self.metadata)
+
+        async def writer():
+            try:
+                first = True
+                async for request in requests:
+                    await call.write(request)
+                    if first:
+                        # Wait until the server admits the session (initial metadata) or ends the call:
+                        # a write racing with an early rejection would turn its status into INTERNAL
+                        # (grpc/grpc#36066).
+                        first = False
+                        await call.initial_metadata()
+                        if call.done():
+                            return
+                await call.done_writing()
+            except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+                pass  # the call has ended; its status comes from the read side
+
+        task = asyncio.create_task(writer())
+        try:
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    break
+                for item in parse(response):
+                    yield item
+            await call  # raises on a non-OK status
+        except grpc.RpcError as err:
+            raise _wrap(err) from None
+        finally:
+            task.cancel()
+            call.cancel()  # no-op when the call already ended; frees the server's slot if we stopped early
+
     async def stream_encode(self, chunks: AsyncIterable | Iterable, **config) -> AsyncIterator[Frame]:
         cfg = self.encode_config(**config)
 
         async def requests():
             yield pb.StreamEncodeRequest(config=cfg)
-            if hasattr(chunks, "__aiter__"):
-                async for chunk in chunks:
-                    yield pb.StreamEncodeRequest(audio=_audio_bytes(chunk, cfg.format))
-            else:
-                for chunk in chunks:
-                    yield pb.StreamEncodeRequest(audio=_audio_bytes(chunk, cfg.format))
+            async for chunk in _aiter(chunks):
+                yield pb.StreamEncodeRequest(audio=_audio_bytes(chunk, cfg.format))
 
-        call = self.stub.StreamEncode(requests(), metadata=self.metadata)
-        try:
-            async for response in call:
-                for frame in _frames(response):
-                    yield frame
-        except grpc.RpcError as err:
-            raise _wrap(err) from None
-        finally:
-            call.cancel()  # no-op when the call already ended; frees the server's slot if we stopped early
+        async for frame in self._bidi(self.stub.StreamEncode, requests(), _frames):
+            yield frame
 
     async def stream_decode(self, frames: AsyncIterable | Iterable, **config) -> AsyncIterator[np.ndarray]:
         cfg = self.decode_config(**config)
@@ -235,20 +262,17 @@ class AsyncCodecClient(_Base):
 
         async def requests():
             yield pb.StreamDecodeRequest(config=cfg)
-            source = frames if hasattr(frames, "__aiter__") else _aiter(frames)
-            async for tokens in source:
+            async for tokens in _aiter(frames):
                 yield pb.StreamDecodeRequest(frames=pb.TokenFrames(frames=[pb.TokenFrame(tokens=np.asarray(tokens).tolist())]))
 
-        call = self.stub.StreamDecode(requests(), metadata=self.metadata)
-        try:
-            async for response in call:
-                yield bytes_to_audio(response.audio, fmt)
-        except grpc.RpcError as err:
-            raise _wrap(err) from None
-        finally:
-            call.cancel()
+        async for audio in self._bidi(self.stub.StreamDecode, requests(), lambda r: [bytes_to_audio(r.audio, fmt)]):
+            yield audio
 
 
-async def _aiter(items: Iterable):
-    for item in items:
-        yield item
+async def _aiter(items: AsyncIterable | Iterable):
+    if hasattr(items, "__aiter__"):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item

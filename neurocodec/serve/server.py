@@ -243,6 +243,9 @@ class CodecServicer(pb_grpc.CodecServicer):
             event("session_rejected", logging.WARNING, kind="encode", code=err.code.name, message=err.message)
             await context.abort(err.code, err.message)
         label = self._label(cfg.session_id)
+        # Initial metadata tells the client its session was admitted: clients may wait for it before
+        # sending audio (see client._bidi), so a rejection is never reported as a failed write.
+        await context.send_initial_metadata((("x-neurocodec-session", label),))
         rate = model.offline.sample_rate
         resampler = StreamingResampler(cfg.sample_rate_hz, rate) if cfg.sample_rate_hz != rate else None
         frame_rate = model.offline.frame_rate
@@ -308,6 +311,9 @@ class CodecServicer(pb_grpc.CodecServicer):
             event("session_rejected", logging.WARNING, kind="decode", code=err.code.name, message=err.message)
             await context.abort(err.code, err.message)
         label = self._label(cfg.session_id)
+        # Initial metadata tells the client its session was admitted: clients may wait for it before
+        # sending audio (see client._bidi), so a rejection is never reported as a failed write.
+        await context.send_initial_metadata((("x-neurocodec-session", label),))
         rate = model.offline.sample_rate
         resampler = StreamingResampler(rate, out_rate) if out_rate != rate else None
         cards = model.offline.quantizer.cardinalities

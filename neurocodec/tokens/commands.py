@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--devices", default="auto", help="Lightning devices per node: auto, N, or a list (default auto)")
     p.add_argument("--num-nodes", type=int, default=1, help="Lightning nodes (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an export of something else in --out")
+    p.add_argument("--float32", action="store_true",
+                   help="encode in float32 (several times faster on CPU; a few near-tie frames may then differ from "
+                        "`neurocodec encode`; recorded in dataset.json). Default: exact float64 encoding")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("decode-tokens", help="resynthesise one row of a token dataset to audio")
@@ -44,7 +47,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     info = run_export(ExportOptions(model=args.model, manifest=args.manifest, out=args.out, shard_size=args.shard_size,
                                     batch_size=args.batch_size, num_codebooks=args.num_codebooks, workers=args.workers,
                                     accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
-                                    overwrite=args.overwrite))
+                                    overwrite=args.overwrite, encoding="float32" if args.float32 else "exact"))
     if info:  # rank 0
         print(f"{args.out}: {info['rows']} rows, {info['hours']:.3f} h of audio, {len(info['files'])} shards, "
               f"{info['num_bad']} unreadable file(s) skipped; {info['num_codebooks']} codebooks at "
@@ -56,9 +59,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def codec_for_dataset(info: dict, model: str | None = None, allow_other: bool = False):
     """The codec that made a dataset: `model` if given, else its checkpoint, else its config and seed."""
-    import torch
+    import tempfile
 
-    from ..codecs.checkpoint import build_codec, load_codec, warm_start_codebooks
+    import yaml
+
+    from ..codecs.checkpoint import load_codec
     from .format import weights_sha256
 
     desc = info["codec"]
@@ -67,10 +72,13 @@ def codec_for_dataset(info: dict, model: str | None = None, allow_other: bool = 
     elif desc.get("checkpoint") and Path(desc["checkpoint"]).is_file():
         codec = load_codec(desc["checkpoint"])
     elif desc.get("config_only"):
-        with torch.no_grad():
-            codec = build_codec(desc["config"], name=desc["name"])
-            warm_start_codebooks(codec)  # as load_codec does for a config-only model
-        codec.eval()
+        # Through load_codec itself (a config file holding the recorded model section), so the model gets
+        # exactly the seeded init, codebook warm start and inference preparation the export had.
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.yaml"
+            path.write_text(yaml.safe_dump({"name": desc["name"].split(":")[0], "model": desc["config"]}))
+            codec = load_codec(str(path))
+        codec._name = desc["name"]
     else:
         raise UserError(f"the dataset's checkpoint {desc.get('checkpoint')} is not there; pass --model")
     if weights_sha256(codec) != desc["weights_sha256"] and not allow_other:

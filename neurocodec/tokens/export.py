@@ -80,7 +80,8 @@ class Plan:
         return range(index * self.shard_size, min(len(self.utterances), (index + 1) * self.shard_size))
 
 
-def make_plan(manifest_path: str | Path, shard_size: int, codec_desc: dict, num_codebooks: int) -> Plan:
+def make_plan(manifest_path: str | Path, shard_size: int, codec_desc: dict, num_codebooks: int,
+              encoding: str = "exact") -> Plan:
     if shard_size < 1:
         raise UserError("--shard-size must be at least 1")
     from ..codecs.checkpoint import file_sha256
@@ -92,7 +93,8 @@ def make_plan(manifest_path: str | Path, shard_size: int, codec_desc: dict, num_
     manifest = {"path": str(Path(manifest_path).resolve()), "sha256": file_sha256(manifest_path),
                 "utterances": len(utterances)}
     key = {"format": fmt.FORMAT, "weights_sha256": codec_desc["weights_sha256"], "config": codec_desc["config"],
-           "num_codebooks": num_codebooks, "manifest_sha256": manifest["sha256"], "shard_size": shard_size}
+           "num_codebooks": num_codebooks, "manifest_sha256": manifest["sha256"], "shard_size": shard_size,
+           "encoding": encoding}
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return Plan(utterances, shard_size, text_columns, manifest, fingerprint)
 
@@ -214,6 +216,9 @@ def _lightning():
 
         def on_predict_end(self, trainer, pl_module) -> None:
             if self.bar is not None:
+                if self.bar.total is not None:
+                    self.bar.n = self.bar.total
+                    self.bar.refresh()
                 self.bar.close()
 
         def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
@@ -232,7 +237,9 @@ def _lightning():
                 elapsed = max(time.perf_counter() - self.started, 1e-9)
                 self.bar.set_postfix_str(f"{self.seconds_done / 3600 / elapsed:.4f} h audio/s, "
                                          f"{self.seconds_done / elapsed:.0f}x real time", refresh=False)
-                self.bar.update(seconds / 3600)
+                # manifest durations are rounded: never step past the total
+                step = seconds / 3600 if self.bar.total is None else min(seconds / 3600, self.bar.total - self.bar.n)
+                self.bar.update(max(step, 0.0))
             if acc["seen"] == len(self.plan.shard_range(shard)):
                 self.write_shard(shard, self.pending.pop(shard), trainer.global_rank)
 
@@ -275,7 +282,7 @@ def _lightning():
             }
             for col in self.plan.text_columns:
                 columns[col] = pa.array([getattr(u, col) for u in utts], pa.string())
-            columns["source"] = pa.array([u.path for u in utts], pa.string())
+            columns["source"] = pa.array([os.path.abspath(u.path) for u in utts], pa.string())
             return pa.Table.from_pydict(columns, schema=self.schema)
 
     return pl, EncodeModule, ExportData, ShardWriter
@@ -295,6 +302,15 @@ class ExportOptions:
     devices: str | int = "auto"
     num_nodes: int = 1
     overwrite: bool = False
+    encoding: str = "exact"  # "exact" (float64 encoder: codes equal `neurocodec encode`) or "float32" (faster)
+
+
+ENCODING_NOTES = {
+    "exact": "encoder and nearest-code search in float64 (the codec's exact encoding): codes equal "
+             "`neurocodec encode` of each file, whatever the batching",
+    "float32": "encoder in float32 (faster): reproducible for the same --batch-size and shard size, but a few "
+               "near-tie frames (well under 1%) may differ from `neurocodec encode` of the file alone",
+}
 
 
 def load_export_codec(spec: str, num_codebooks: int | None):
@@ -319,13 +335,14 @@ def check_output(out: Path, plan: Plan, overwrite: bool) -> None:
     if info_path.is_file():
         info = fmt.read_info(out)
         if info.get("fingerprint") != plan.fingerprint:
-            raise UserError(f"{out} holds an export of a different model, manifest, codebook count or shard size; "
+            raise UserError(f"{out} holds an export of a different model, manifest, codebook count, shard size or "
+                            "encoding precision; "
                             "choose another --out, or pass --overwrite to replace it")
     elif existing_shards(out):
         raise UserError(f"{out} has shard files but no {fmt.INFO_FILE}; choose another --out or pass --overwrite")
 
 
-def base_info(codec, codec_desc: dict, plan: Plan) -> dict:
+def base_info(codec, codec_desc: dict, plan: Plan, encoding: str) -> dict:
     return {
         "format": fmt.FORMAT,
         "complete": False,
@@ -339,6 +356,7 @@ def base_info(codec, codec_desc: dict, plan: Plan) -> dict:
         "bitrate_bps": codec.bitrate,
         "bitrate_note": "sum over codebooks of log2(cardinality) x frame rate",
         "code_layout": fmt.code_layout(codec),
+        "encoding": {"precision": encoding, "note": ENCODING_NOTES[encoding]},
         "columns": [f.name for f in fmt.row_schema(codec.cardinality, plan.text_columns)],
         "manifest": plan.manifest,
         "shard_size": plan.shard_size,
@@ -408,6 +426,7 @@ def dataset_card(info: dict) -> str:
         f"- **codes**: {info['num_codebooks']} codebooks, cardinalities {info['cardinality']}, {info['frame_rate']:g} frames/s "
         f"at {info['sample_rate']} Hz, {info['bitrate_bps'] / 1000:.2f} kbps ({info['bitrate_note']})",
         f"- **layout**: column `codes` is `{layout['arrow_type']}`, {layout['axes']}; codebook order: {layout['order']}",
+        f"- **encoding**: {info['encoding']['precision']} ({info['encoding']['note']})",
         f"- **columns**: {', '.join(info['columns'])}",
         f"- **skipped (unreadable) files**: {info['num_bad']}",
     ]
@@ -422,6 +441,8 @@ def dataset_card(info: dict) -> str:
         "```python",
         "import datasets, glob",
         "ds = datasets.load_dataset(\"parquet\", data_files=sorted(glob.glob(\"DIR/shard-*.parquet\")), split=\"train\")",
+        "import pyarrow.dataset  # or: duckdb.sql(\"SELECT id, codes FROM 'DIR/shard-*.parquet'\")",
+        "table = pyarrow.dataset.dataset(\"DIR\", format=\"parquet\").to_table()",
         "from neurocodec.tokens import TokenDataset  # LM-ready sequences: flat or MusicGen delay pattern",
         "for item in TokenDataset(\"DIR\").sequences(layout=\"delay\"): ...",
         "```",
@@ -432,28 +453,37 @@ def dataset_card(info: dict) -> str:
     return "\n".join(lines)
 
 
-def run_export(opts: ExportOptions) -> dict:
+def run_export(opts: ExportOptions, codec=None) -> dict:
+    """Run an export; returns dataset.json's content on global rank 0 ({} on other ranks).
+
+    `codec`: an already loaded codec for `opts.model` (benchmarks reuse one); by default it is loaded."""
     out = Path(opts.out)
-    codec = load_export_codec(opts.model, opts.num_codebooks)
-    codec_desc = describe_codec(codec, opts.model)  # hashes the weights as loaded, before folding
-    plan = make_plan(opts.manifest, opts.shard_size, codec_desc, codec.num_codebooks)
+    if codec is None:
+        codec = load_export_codec(opts.model, opts.num_codebooks)
+    elif opts.num_codebooks is not None:
+        codec.set_num_codebooks(opts.num_codebooks)
+    if opts.encoding not in ENCODING_NOTES:
+        raise UserError(f"encoding {opts.encoding!r} is not one of {', '.join(ENCODING_NOTES)}")
+    codec_desc = describe_codec(codec, opts.model)
+    plan = make_plan(opts.manifest, opts.shard_size, codec_desc, codec.num_codebooks, opts.encoding)
     if opts.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if opts.workers < 0:
         raise UserError("--workers must be 0 or more")
     out.mkdir(parents=True, exist_ok=True)
     check_output(out, plan, opts.overwrite)
-    info = base_info(codec, codec_desc, plan)
+    info = base_info(codec, codec_desc, plan, opts.encoding)
+    if hasattr(codec, "set_exact_encoding"):
+        codec.set_exact_encoding(opts.encoding == "exact")
 
-    from ..codecs.checkpoint import fold_weight_norm
-
-    fold_weight_norm(codec)
     pl, EncodeModule, ExportData, ShardWriter = _lightning()
     data = ExportData(plan, codec.sample_rate, opts.batch_size, opts.workers, out)
     writer = ShardWriter(plan, out, codec, data)
     devices = int(opts.devices) if str(opts.devices).isdigit() else opts.devices
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|GPU available but not used).*")
+        # Lightning's advice for training loops does not apply here (our batch sampler returns every item).
+        for message in (".*does not have many workers.*", ".*custom batch sampler.*", ".*LeafSpec.*"):
+            warnings.filterwarnings("ignore", message=message)
         trainer = pl.Trainer(accelerator=opts.accelerator, devices=devices, num_nodes=opts.num_nodes, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              use_distributed_sampler=False, inference_mode=True, callbacks=[writer])

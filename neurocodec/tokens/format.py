@@ -16,7 +16,7 @@ Row schema (one row per utterance, in manifest order within a shard):
   n_samples   int64                samples of the audio at the codec's sample rate
   duration    float64              seconds (n_samples / sample_rate)
   text, speaker, language          string, present as columns when any manifest line has them (null elsewhere)
-  source      string               the audio file (absolute path as resolved from the manifest)
+  source      string               the audio file (absolute, normalised path as resolved from the manifest)
 
 Nested lists are what `datasets` (Sequence(Sequence(Value('uint16')))), DuckDB (`USMALLINT[][]`), Spark and
 pandas read without any custom decoding; `np.asarray(row["codes"])` gives the [K, T] array.
@@ -106,10 +106,15 @@ def code_layout(codec) -> dict:
 
 
 def weights_sha256(codec: torch.nn.Module) -> str:
-    """Hash of the weights themselves (names, dtypes, shapes, bytes): identifies config-only models too."""
+    """Hash of the weights themselves (names, shapes, values): identifies config-only models too.
+
+    Floating tensors are hashed as float32, so the hash does not depend on the precision the codec runs
+    its inference in (exact encoding keeps the encoder in float64; its weights are float32 values)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(codec.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
+        if t.is_floating_point():
+            t = t.float()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()

@@ -47,7 +47,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.8, 0.99])
     weight_decay: float = 0.0
     disc_lr: float = 3e-4  # discriminator AdamW (same betas / weight decay)
-    lr_gamma: float = 0.999996  # ExponentialLR, stepped once per generator step (both optimisers)
+    lr_gamma: float = 0.999996  # ExponentialLR decay per optimizer step (G and D schedules each count their own steps)
     grad_clip: float = 1000.0  # max grad norm of the generator (0: off)
     disc_grad_clip: float = 10.0
     disc_start_step: int = 0  # generator steps before the discriminator and the GAN losses start
@@ -58,6 +58,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 200000  # GENERATOR steps (discriminator steps are not counted)
+    max_time: str | None = None  # also stop (cleanly: checkpoint + export) after this long, "DD:HH:MM:SS"
     accelerator: str = "auto"  # cpu | gpu | auto
     devices: Any = 1  # int, list of device ids, or "auto"
     num_nodes: int = 1
@@ -116,6 +117,8 @@ def _check_types(cls: type, data: dict, where: str) -> dict:
             base = typing.get_origin(option) or option
             if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
                 data[key], ok = float(value), True
+            elif base is float and isinstance(value, str) and _is_float(value):  # YAML 1.1 reads 3e-4 as a string
+                data[key], ok = float(value), True
             elif base is int and isinstance(value, int) and not isinstance(value, bool):
                 ok = True
             elif base in (str, bool, list, dict) and isinstance(value, base):
@@ -126,6 +129,14 @@ def _check_types(cls: type, data: dict, where: str) -> dict:
             wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
             raise ConfigError(f"{name} must be {wanted}, got {value!r}")
     return data
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def parse_train_config(raw: dict) -> TrainConfig:

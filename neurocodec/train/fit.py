@@ -196,7 +196,7 @@ def build_trainer(config: TrainConfig, run_dir: Path, world: int, extra_callback
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=make_strategy(t, world),
         precision=t.precision,
         max_steps=lightning_max_steps(t.max_steps, config.optim.disc_start_step, bool(config.disc.kinds)),
-        max_epochs=-1, val_check_interval=t.val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        max_time=t.max_time, max_epochs=-1, val_check_interval=t.val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         log_every_n_steps=t.log_every, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
         enable_progress_bar=t.enable_progress_bar, deterministic=t.deterministic, default_root_dir=str(run_dir),
         enable_model_summary=False)

@@ -117,6 +117,7 @@ class CodecTrainingModule(L.LightningModule):
             if o.disc_grad_clip > 0:
                 self.clip_gradients(opt_d, gradient_clip_val=o.disc_grad_clip, gradient_clip_algorithm="norm")
             opt_d.step()
+            schedulers[1].step()  # the discriminator's schedule counts its own steps
             logs["train/disc"] = loss_d.detach()
 
         losses = self.generator_losses(real, fake, out.quantizer_loss, use_gan)
@@ -127,8 +128,7 @@ class CodecTrainingModule(L.LightningModule):
             norm = self.clip_gradients_norm(opt_g, o.grad_clip)
             logs["train/grad_norm"] = norm
         opt_g.step()
-        for sch in schedulers:
-            sch.step()
+        schedulers[0].step()
         self.gen_step += 1
         if self.ema is not None:
             self.ema.update(self.codec, copy_only=step < o.ema_start_step)
@@ -232,7 +232,10 @@ def _get_rng_state() -> dict:
 
     import numpy as np
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # Plain types and tensors only, so that checkpoints load with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -245,7 +248,8 @@ def _set_rng_state(state: dict) -> None:
 
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         try:
             torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,120 @@
+"""The quantizer adapter: code order, round trips, truncation, bitrate arithmetic, usage metrics."""
+
+import math
+
+import pytest
+import torch
+
+from neurocodec.codecs.checkpoint import load_codec
+from neurocodec.codecs.quantizers import CodebookUsage, Quantizer, QuantizerConfig, codebook_metrics, usage_from_histogram
+from neurocodec.config import ConfigError, from_dict
+
+ALL = {
+    "grvq": QuantizerConfig(kind="grvq", groups=2, num_quantizers=3, codebook_size=32),
+    "rvq": QuantizerConfig(kind="rvq", num_quantizers=4, codebook_size=32, quantize_dropout=True),
+    "fsq": QuantizerConfig(kind="fsq", levels=[8, 5, 5, 5]),
+    "rfsq": QuantizerConfig(kind="rfsq", levels=[8, 5, 5, 5], num_quantizers=3),
+    "vq": QuantizerConfig(kind="vq", codebook_size=64, codebook_dim=8),
+    "lfq": QuantizerConfig(kind="lfq", codebook_size=256),
+}
+
+
+def trained(cfg, dim=16, seed=0):
+    torch.manual_seed(seed)
+    q = Quantizer(dim, cfg)
+    q.initialize_codebooks(torch.randn(4, dim, 200))  # k-means init of every layer
+    q.train()
+    q(torch.randn(4, dim, 200))  # an EMA update
+    return q.eval()
+
+
+@pytest.mark.parametrize("kind", list(ALL))
+def test_round_trip_and_shapes(kind):
+    q = trained(ALL[kind])
+    z = torch.randn(2, 16, 30)
+    codes = q.encode(z)
+    assert codes.shape == (2, q.total_codebooks, 30) and codes.dtype == torch.long
+    for k, card in enumerate(q.cardinalities):
+        assert 0 <= int(codes[:, k].min()) and int(codes[:, k].max()) < card
+    # decoding the codes gives the library's own quantized output in eval mode
+    torch.testing.assert_close(q.decode(codes), q(z).z_q, atol=1e-5, rtol=0)
+
+
+def test_grvq_code_order_is_layer_major_then_group():
+    """Documented order [L0G0, L0G1, L1G0, L1G1, ...]: codebook k = layer * groups + group."""
+    cfg = ALL["grvq"]
+    q = trained(cfg)
+    z = torch.randn(1, 16, 25)
+    codes = q.encode(z)
+    _, lib_indices, _ = q.impl(z.transpose(1, 2))  # library layout [groups, B, T, layers]
+    for layer in range(cfg.num_quantizers):
+        for group in range(cfg.groups):
+            assert torch.equal(codes[0, layer * cfg.groups + group], lib_indices[group, 0, :, layer])
+    # group g's latent slice is reconstructed from its own codebooks only
+    half = q.decode(codes)[:, :8]
+    group0_only = codes.clone()
+    group0_only[:, 1::2] = 0  # change group 1's codes: group 0's half must not move
+    torch.testing.assert_close(q.decode(group0_only)[:, :8], half, atol=0, rtol=0)
+
+
+def test_truncation_keeps_whole_residual_layers():
+    q = trained(ALL["grvq"])
+    assert q.allowed_num_codebooks() == [2, 4, 6]
+    z = torch.randn(1, 16, 10)
+    codes = q.encode(z)
+    assert torch.equal(q.encode(z, n_q=4), codes[:, :4])
+    errors = [(q.decode(codes[:, :n]) - z).pow(2).mean() for n in (2, 4, 6)]
+    assert errors[0] >= errors[1] >= errors[2]  # more residual layers: closer to the latent
+    with pytest.raises(ValueError):
+        q.decode(codes[:, :3])
+    assert trained(ALL["fsq"]).allowed_num_codebooks() == [1]
+    assert trained(ALL["rvq"]).allowed_num_codebooks() == [1, 2, 3, 4]
+
+
+def test_quantizer_dropout_marks_skipped_layers():
+    torch.manual_seed(3)
+    q = Quantizer(16, ALL["rvq"]).train()
+    depths = set()
+    for _ in range(30):
+        codes = q(torch.randn(2, 16, 8)).codes
+        used = (codes[0, :, 0] >= 0).sum().item()
+        assert torch.all(codes[:, used:] == -1) and torch.all(codes[:, :used] >= 0)
+        depths.add(used)
+    assert len(depths) > 1  # random depth per batch
+
+
+@pytest.mark.parametrize("spec,expected_bps", [("grvq_4cb:tiny", 4 * 10 * 50), ("rvq_8cb:tiny", 8 * 10 * 50),
+                                               ("fsq:tiny", 4 * math.log2(1000) * 50)])
+def test_bitrate_is_sum_of_log2_cardinalities_times_frame_rate(spec, expected_bps):
+    codec = load_codec(spec)
+    assert codec.frame_rate == 50.0
+    assert codec.bitrate == pytest.approx(expected_bps)
+    n = codec.allowed_num_codebooks()[0]
+    codec.set_num_codebooks(n)
+    assert codec.bitrate == pytest.approx(sum(math.log2(c) for c in codec.cardinality[:n]) * 50)
+    assert codec.encode(torch.zeros(1, 1, 3200)).shape[1] == n
+
+
+def test_usage_metrics_on_a_known_distribution():
+    # codebook 0: 4 of 8 entries used uniformly -> usage 0.5, perplexity 4; codebook 1: one entry -> perplexity 1
+    codes = torch.tensor([[[0, 1, 2, 3, 0, 1, 2, 3], [5, 5, 5, 5, 5, 5, 5, 5]]])
+    m = codebook_metrics(codes, [8, 8])
+    assert m["codebook0/usage"].item() == pytest.approx(0.5)
+    assert m["codebook0/dead"].item() == pytest.approx(0.5)
+    assert m["codebook0/perplexity"].item() == pytest.approx(4.0)
+    assert m["codebook1/usage"].item() == pytest.approx(1 / 8)
+    assert m["codebook1/perplexity"].item() == pytest.approx(1.0)
+    # skewed: p = (0.5, 0.25, 0.25) -> perplexity 2^1.5
+    assert usage_from_histogram(torch.tensor([2.0, 1.0, 1.0, 0.0]))["perplexity"].item() == pytest.approx(2 ** 1.5)
+    # the accumulator gives the same numbers over split batches, and ignores dropped (-1) codes
+    acc = CodebookUsage([8, 8])
+    acc.update(codes[..., :3])
+    acc.update(torch.cat([codes[..., 3:], torch.full((1, 2, 2), -1)], dim=-1))
+    assert {k: v.item() for k, v in acc.compute().items()} == pytest.approx({k: v.item() for k, v in m.items()})
+
+
+def test_bad_quantizer_config_is_a_clear_error():
+    with pytest.raises(ConfigError, match="kind"):
+        from_dict(QuantizerConfig, {"kind": "pq"}, "model.quantizer")
+    with pytest.raises(ConfigError, match="model.quantizer.codebooksize"):
+        from_dict(QuantizerConfig, {"codebooksize": 3}, "model.quantizer")

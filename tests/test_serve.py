@@ -1,0 +1,388 @@
+"""The streaming service against real servers on loopback (grvq_4cb:tiny, real speech from data/demo).
+
+Server A: 34 batched slots, no auth (correctness, concurrency, bad inputs).
+Server B: 2 slots stepped one by one (no batching), bearer token, TLS, 1 s idle timeout, small messages.
+"""
+
+import asyncio
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from neurocodec.audio import load_audio
+from neurocodec.cli import main as cli_main
+from neurocodec.codecs.checkpoint import load_codec
+from neurocodec.data.manifest import read_manifest
+from neurocodec.serve.client import AsyncCodecClient, CodecClient, ServiceError
+from neurocodec.serve.server import ServerOptions, ServerThread
+from neurocodec.serve.v1 import codec_pb2 as pb
+from neurocodec.serve.v1 import codec_pb2_grpc as pb_grpc
+from neurocodec.serve.wire import StreamingResampler
+
+MODEL = "grvq_4cb:tiny"
+MANIFEST = Path(__file__).resolve().parents[1] / "data" / "demo" / "manifest.jsonl"
+TOKEN = "s3cret"
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def codec():
+    torch.set_grad_enabled(False)
+    return load_codec(MODEL)
+
+
+@pytest.fixture(scope="module")
+def clips():
+    """Real speech: 1 s pieces of the demo corpus (varied speakers and languages)."""
+    utts = read_manifest(MANIFEST)
+    step = max(1, len(utts) // 34)
+    out = []
+    for u in utts[::step][:34]:
+        audio = load_audio(u.path, SR)[0, : SR].numpy()
+        out.append(audio[: SR - 37 * len(out) % 300])  # assorted lengths, most not whole frames
+    return out
+
+
+@pytest.fixture(scope="module")
+def server_a(codec):
+    srv = ServerThread(ServerOptions(models=[MODEL], port=0, max_streams=34, max_message_bytes=256 << 10,
+                                     grace_s=2.0), preloaded={MODEL: codec})
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")], check=True, capture_output=True)
+    return d / "cert.pem", d / "key.pem"
+
+
+@pytest.fixture(scope="module")
+def server_b(codec, tls_files):
+    cert, key = tls_files
+    srv = ServerThread(ServerOptions(models=[MODEL], port=0, max_streams=2, batching=False, auth_token=TOKEN,
+                                     tls_cert=str(cert), tls_key=str(key), idle_timeout_s=1.0,
+                                     max_message_bytes=64 << 10, grace_s=2.0), preloaded={MODEL: codec})
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def client_a(srv):
+    return CodecClient(f"127.0.0.1:{srv.port}")
+
+
+def client_b(srv, token=TOKEN):
+    return CodecClient(f"localhost:{srv.port}", token=token, tls_root=str(srv.options.tls_cert))
+
+
+def chunked(audio, ms):
+    n = int(SR * ms / 1000)
+    return [audio[i:i + n] for i in range(0, len(audio), n)]
+
+
+def offline(codec, audio):
+    return codec.encode(torch.from_numpy(audio).view(1, 1, -1))[0].numpy()
+
+
+def stacked(frames):
+    assert [f.index for f in frames] == list(range(len(frames)))
+    return np.stack([f.tokens for f in frames], axis=1)
+
+
+def expect_status(code, fn, match):
+    with pytest.raises(ServiceError) as info:
+        fn()
+    assert info.value.code == code, info.value
+    assert match in info.value.details, info.value.details
+
+
+# -- correctness -------------------------------------------------------------------------------------------
+def test_streamed_tokens_equal_neurocodec_encode(server_a, codec, clips, tmp_path):
+    wav = tmp_path / "clip.wav"
+    sf.write(wav, clips[0], SR, subtype="FLOAT")
+    # The reference is what `neurocodec encode` does: load_audio + codec.encode (same seeded model).
+    reference = offline(codec, load_audio(wav, SR)[0].numpy())
+    with client_a(server_a) as client:
+        for ms in (10, 37, 100):
+            frames = list(client.stream_encode(chunked(clips[0], ms), sample_rate=SR, fmt="float32"))
+            assert np.array_equal(stacked(frames), reference), f"chunks of {ms} ms"
+        linear16 = (np.clip(clips[0], -1, 32767 / 32768) * 32768).round().astype("<i2")
+        frames = list(client.stream_encode([linear16[i:i + 555].tobytes() for i in range(0, len(linear16), 555)],
+                                           sample_rate=SR, fmt="linear16"))
+        assert np.array_equal(stacked(frames), offline(codec, linear16.astype(np.float32) / 32768))
+        # fewer codebooks = the first K of the full codes (lower bitrate)
+        frames = list(client.stream_encode(chunked(clips[0], 20), sample_rate=SR, num_codebooks=2))
+        assert np.array_equal(stacked(frames), reference[:2])
+        assert np.array_equal(client.encode(clips[0]), reference)  # unary Encode
+    # The CLI client writes the same codes as `neurocodec encode`.
+    out = tmp_path / "streamed.npy"
+    assert cli_main(["stream", str(wav), "--server", f"127.0.0.1:{server_a.port}", "-o", str(out), "--chunk-ms", "37"]) == 0
+    assert np.array_equal(np.load(out), reference)
+
+
+def test_stream_decode_equals_offline_decode(server_a, codec, clips, tmp_path):
+    codes = offline(codec, clips[1])
+    expected = codec.decode(torch.from_numpy(codes).unsqueeze(0))[0, 0].numpy()
+    with client_a(server_a) as client:
+        audio = np.concatenate(list(client.stream_decode([codes[:, :7], codes[:, 7:]], frames_per_message=3,
+                                                         num_codebooks=4)))
+        np.testing.assert_allclose(audio, expected, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(client.decode(codes), expected, atol=1e-4, rtol=0)
+        half = np.concatenate(list(client.stream_decode([codes[:2]], num_codebooks=2)))
+        np.testing.assert_allclose(half, codec.decode(torch.from_numpy(codes[:2]).unsqueeze(0))[0, 0].numpy(), atol=1e-4)
+    npy, out = tmp_path / "codes.npy", tmp_path / "out.wav"
+    np.save(npy, codes.astype(np.int32))
+    assert cli_main(["stream-decode", str(npy), "--server", f"127.0.0.1:{server_a.port}", "-o", str(out)]) == 0
+    written, rate = sf.read(out, dtype="float32")
+    assert rate == SR and len(written) == len(expected)
+    np.testing.assert_allclose(written, np.clip(expected, -1, 1), atol=1.0 / 32768 + 1e-6)  # 16-bit WAV
+
+
+def test_32_concurrent_streams_all_correct(server_a, codec, clips):
+    chunk_ms = [10, 20, 37, 100]
+
+    async def one(client, i):
+        frames = [f async for f in client.stream_encode(chunked(clips[i], chunk_ms[i % 4]), sample_rate=SR)]
+        return stacked(frames)
+
+    async def main():
+        async with AsyncCodecClient(f"127.0.0.1:{server_a.port}") as client:
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    results = asyncio.run(main())
+    for i, codes in enumerate(results):
+        assert np.array_equal(codes, offline(codec, clips[i])), f"stream {i}"
+    worker = server_a.server.servicer.models[MODEL].worker
+    assert worker.frames["encode"] > worker.steps["encode"]  # frames of different sessions shared steps
+
+
+def test_resampled_stereo_session(server_a, codec, clips):
+    """8 kHz stereo LINEAR16 in: mixed down, resampled by the streaming resampler (== torchaudio offline)."""
+    mono16 = clips[2]
+    mono8 = AF.resample(torch.from_numpy(mono16), SR, 8000).numpy()
+    stereo = np.stack([mono8, mono8], axis=1)  # identical channels: the mix-down is exact
+    pcm = (np.clip(stereo, -1, 32767 / 32768) * 32768).round().astype("<i2")
+    as_received = pcm[:, 0].astype(np.float32) / 32768
+    expected = offline(codec, AF.resample(torch.from_numpy(as_received), 8000, SR).numpy())
+    with client_a(server_a) as client:
+        frames = list(client.stream_encode([pcm[i:i + 97].tobytes() for i in range(0, len(pcm), 97)],
+                                           sample_rate=8000, fmt="linear16", channels=2))
+    assert np.array_equal(stacked(frames), expected)
+
+
+def test_streaming_resampler_equals_offline():
+    rng = np.random.default_rng(0)
+    for orig, new in [(8000, 16000), (48000, 16000), (44100, 16000), (16000, 22050)]:
+        x = (0.3 * rng.standard_normal(orig // 5 + 11)).astype(np.float32)
+        expected = AF.resample(torch.from_numpy(x), orig, new).numpy()
+        for chunk in (1, 161, 10000):
+            r = StreamingResampler(orig, new)
+            got = np.concatenate([r.push(x[i:i + chunk]) for i in range(0, len(x), chunk)] + [r.flush()])
+            assert got.shape == expected.shape
+            np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
+# -- bad input never harms other sessions -------------------------------------------------------------------------
+def _raw_encode(client, messages):
+    """Send raw StreamEncodeRequests; return the responses (raises ServiceError)."""
+    try:
+        return list(client.stub.StreamEncode(iter(messages), metadata=client.metadata))
+    except grpc.RpcError as err:
+        raise ServiceError(err.code(), err.details()) from None
+
+
+def _raw_decode(client, messages):
+    try:
+        return list(client.stub.StreamDecode(iter(messages), metadata=client.metadata))
+    except grpc.RpcError as err:
+        raise ServiceError(err.code(), err.details()) from None
+
+
+def test_bad_inputs_get_clear_statuses_while_another_session_carries_on(server_a, codec, clips):
+    good_audio = np.concatenate([clips[3], clips[4]])
+    result = {}
+
+    def paced():  # a well-behaved session, paced at 5x real time, open during all the bad requests
+        for chunk in chunked(good_audio, 20):
+            time.sleep(0.004)
+            yield chunk
+
+    def good():
+        with client_a(server_a) as c:
+            result["codes"] = stacked(list(c.stream_encode(paced(), sample_rate=SR)))
+
+    thread = threading.Thread(target=good)
+    thread.start()
+    time.sleep(0.2)
+    E, D = pb.StreamEncodeRequest, pb.StreamDecodeRequest
+    cfg = pb.EncodeConfig(sample_rate_hz=SR, format=pb.FLOAT32)
+    dcfg = pb.DecodeConfig(num_codebooks=4)
+    tok = pb.TokenFrames
+    INVALID, FAILED, EXHAUSTED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                                  grpc.StatusCode.RESOURCE_EXHAUSTED)
+    with client_a(server_a) as c:
+        expect_status(FAILED, lambda: _raw_encode(c, [E(audio=b"\0" * 640)]), "first message")
+        expect_status(FAILED, lambda: _raw_decode(c, [D(frames=tok())]), "first message")
+        expect_status(INVALID, lambda: _raw_encode(c, [E(config=pb.EncodeConfig(model="nope", sample_rate_hz=SR,
+                                                                                 format=pb.FLOAT32))]), "unknown model")
+        expect_status(INVALID, lambda: _raw_encode(c, [E(config=pb.EncodeConfig(sample_rate_hz=1000, format=pb.FLOAT32))]),
+                      "sample_rate_hz=1000")
+        expect_status(INVALID, lambda: _raw_encode(c, [E(config=pb.EncodeConfig(sample_rate_hz=SR))]), "format")
+        expect_status(INVALID, lambda: _raw_encode(c, [E(config=pb.EncodeConfig(sample_rate_hz=SR, format=pb.LINEAR16)),
+                                                       E(audio=b"\0" * 641)]), "641 bytes")
+        nan = np.zeros(320, np.float32)
+        nan[5] = np.nan
+        expect_status(INVALID, lambda: _raw_encode(c, [E(config=cfg), E(audio=nan.tobytes())]), "NaN")
+        inf = np.full(3, np.inf, np.float32)
+        expect_status(INVALID, lambda: _raw_encode(c, [E(config=cfg), E(audio=inf.tobytes())]), "Inf")
+        expect_status(INVALID, lambda: _raw_encode(c, [E(config=cfg), E(config=cfg)]), "only be sent once")
+        expect_status(INVALID, lambda: _raw_encode(c, [E(config=pb.EncodeConfig(sample_rate_hz=SR, format=pb.FLOAT32,
+                                                                                num_codebooks=3))]), "num_codebooks=3")
+        expect_status(INVALID, lambda: _raw_decode(c, [D(config=dcfg), D(frames=tok(frames=[pb.TokenFrame(
+            tokens=[1, 2, 1024, 3])]))]), "token id 1024 in codebook 2 is out of range")
+        expect_status(INVALID, lambda: _raw_decode(c, [D(config=dcfg), D(frames=tok(frames=[pb.TokenFrame(
+            tokens=[1, 2, 3])]))]), "3 ids")
+        expect_status(INVALID, lambda: _raw_decode(c, [D(config=pb.DecodeConfig(num_codebooks=5))]), "num_codebooks=5")
+        expect_status(INVALID, lambda: c.decode(np.full((4, 3), 5000)), "out of range")
+        big = np.zeros(300 << 8, np.float32)  # 300 KiB > the server's 256 KiB message limit
+        expect_status(EXHAUSTED, lambda: _raw_encode(c, [E(config=cfg), E(audio=big.tobytes())]), "")
+        # a session that sends half a frame then a bad chunk: only it fails
+        expect_status(INVALID, lambda: _raw_encode(c, [E(config=cfg), E(audio=np.zeros(100, np.float32).tobytes()),
+                                                       E(audio=b"\0\0\0")]), "3 bytes")
+    thread.join(timeout=60)
+    assert np.array_equal(result["codes"], offline(codec, good_audio))
+    worker = server_a.server.servicer.models[MODEL].worker
+    assert worker.free_slots("encode") == 34 and worker.free_slots("decode") == 34
+
+
+# -- server B: auth, TLS, slots, disconnects, idle timeout, unbatched stepping ------------------------------------
+def test_auth_tls_and_unbatched_stepping(server_b, codec, clips):
+    with client_b(server_b) as client:
+        frames = list(client.stream_encode(chunked(clips[5], 37), sample_rate=SR))
+        assert np.array_equal(stacked(frames), offline(codec, clips[5]))  # sessions stepped one by one: same codes
+        assert client.model_info().max_streams == 2
+    for token, match in ((None, "missing bearer token"), ("wrong", "wrong bearer token")):
+        with client_b(server_b, token=token) as client:
+            expect_status(grpc.StatusCode.UNAUTHENTICATED, lambda: list(client.stream_encode([clips[5]], sample_rate=SR)),
+                          match)
+            expect_status(grpc.StatusCode.UNAUTHENTICATED, client.model_info, match)
+    with CodecClient(f"127.0.0.1:{server_b.port}", token=TOKEN) as plaintext:  # TLS is required
+        with pytest.raises(ServiceError) as info:
+            plaintext.model_info()
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_too_many_streams_and_disconnect_frees_the_slot(server_b, clips):
+    async def main():
+        client = AsyncCodecClient(f"localhost:{server_b.port}", token=TOKEN, tls_root=str(server_b.options.tls_cert))
+        hold = asyncio.Event()
+
+        async def slow_chunks():
+            yield clips[6][:640]
+            await hold.wait()
+
+        async def first_frame():
+            async for frame in client.stream_encode(slow_chunks(), sample_rate=SR):
+                return frame  # leaving the generator cancels the call: a client that disconnects mid-stream
+
+        holders = [client.stream_encode(slow_chunks(), sample_rate=SR) for _ in range(2)]
+        firsts = [await h.__anext__() for h in holders]  # two sessions hold both slots
+        assert [f.index for f in firsts] == [0, 0]
+        with pytest.raises(ServiceError) as info:
+            await first_frame()
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "slots are busy" in info.value.details
+        for h in holders:
+            await h.aclose()  # disconnect mid-stream
+        for _ in range(100):  # the server notices the cancellation and frees the slots
+            if (await client.model_info()).free_encode_slots == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert (await client.model_info()).free_encode_slots == 2
+        assert (await first_frame()).index == 0
+        await client.close()
+
+    asyncio.run(main())
+
+
+def test_idle_timeout(server_b):
+    def idle_chunks():
+        yield np.zeros(320, np.float32)
+        time.sleep(2.0)  # > the 1 s idle timeout
+
+    with client_b(server_b) as client:
+        expect_status(grpc.StatusCode.OUT_OF_RANGE, lambda: list(client.stream_encode(idle_chunks(), sample_rate=SR)),
+                      "idle timeout")
+
+
+# -- operations ------------------------------------------------------------------------------------------------
+def test_health_reflection_and_model_listing(server_a):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server_a.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "neurocodec.v1.Codec"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answer = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"neurocodec.v1.Codec", "grpc.health.v1.Health"} <= names
+    models = pb_grpc.CodecStub(channel).ListModels(pb.ListModelsRequest())
+    assert models.default_model == MODEL
+    info = models.models[0]
+    assert (info.sample_rate_hz, info.frame_size, info.num_codebooks, list(info.cardinalities)) == (SR, 320, 4, [1024] * 4)
+    assert info.bitrate_bps == 2000 and info.algorithmic_latency_ms == 20
+    channel.close()
+
+
+def test_loadtest_command(server_a, capsys):
+    assert cli_main(["loadtest", "--server", f"127.0.0.1:{server_a.port}", "--streams", "3", "--seconds", "0.4",
+                     "--json"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert report["streams"] == 3 and report["rejected"] == 0 and report["failed"] == 0
+    assert report["frames"] == 3 * 20 and 0 < report["p50_ms"] <= report["p99_ms"]
+    assert cli_main(["loadtest", "--server", "10.1.2.3:50051", "--streams", "1"]) == 2  # loopback only
+
+
+def test_graceful_drain_lets_running_sessions_finish(codec, clips):
+    srv = ServerThread(ServerOptions(models=[MODEL], port=0, max_streams=2, grace_s=10.0), preloaded={MODEL: codec})
+    srv.start()
+    result = {}
+
+    def paced():
+        for chunk in chunked(clips[7], 20):
+            time.sleep(0.01)
+            yield chunk
+
+    def run():
+        with client_a(srv) as c:
+            result["codes"] = stacked(list(c.stream_encode(paced(), sample_rate=SR)))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(0.2)
+    drain = threading.Thread(target=lambda: srv.call(srv.server.drain()))
+    drain.start()
+    time.sleep(0.1)
+    with client_a(srv) as c:  # new sessions are refused while draining
+        with pytest.raises(ServiceError) as info:
+            list(c.stream_encode([clips[7]], sample_rate=SR))
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    thread.join(timeout=30)
+    drain.join(timeout=30)
+    assert np.array_equal(result["codes"], offline(codec, clips[7]))
+    srv.stop()

@@ -1,0 +1,196 @@
+"""Training: each shipped config learns, exact resume, DDP codebook sync, skipped files, export, CLI.
+
+Everything runs the real code path (config parsing -> codec -> Lightning module -> Trainer) with the tiny
+presets shrunk further (short crops, batch 2, small discriminators) so the file stays fast on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from neurocodec.codecs.checkpoint import load_codec, read_metadata
+from neurocodec.config import ConfigError
+from neurocodec.data.dataset import AudioSegmentDataset
+from neurocodec.train.datamodule import CodecDataModule
+from neurocodec.train.fit import FitArgs, main, resolve_config, run_training
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo" / "manifest.jsonl"
+
+# Small enough for a few seconds per step on a loaded 2-core machine, big enough to exercise every part.
+FAST = [
+    "data.segment_seconds=0.32", "data.valid_segment_seconds=0.32", "data.batch_size=2", "data.valid_batch_size=2",
+    "data.num_workers=0", "data.valid_items=2", "disc.channels=4", "disc.max_channels=16",
+    "disc.periods=[2,3]", "disc.stft_n_ffts=[256,128]", "disc.mrd_n_ffts=[256]",
+    "loss.mel_windows=[64,256,1024]", "loss.mel_bins=[10,40,80]", "loss.stft_n_ffts=[256,512]",
+    "optim.disc_start_step=0", "trainer.enable_progress_bar=false", "trainer.pesq_items=1",
+    "trainer.audio_examples=1", "trainer.val_every=1000",
+]
+
+
+def config(name: str, *overrides: str):
+    return resolve_config(FitArgs(config=name, preset="tiny", overrides=[*FAST, f"data.manifest={DEMO}", *overrides]))
+
+
+class _Repeat(torch.utils.data.Dataset):
+    def __init__(self, batch: torch.Tensor, n: int = 10_000) -> None:
+        self.batch, self.n = batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.batch
+
+
+class FixedBatchData(CodecDataModule):
+    """The same two validation crops as every training batch: deterministic, so runs can be compared."""
+
+    def train_dataloader(self):
+        ds = AudioSegmentDataset(DEMO, self.sample_rate, self.config.segment_seconds, split="valid", train=False,
+                                 frame_size=self.frame_size, length=self.config.batch_size)
+        batch = torch.stack([ds[i] for i in range(len(ds))])
+        return torch.utils.data.DataLoader(_Repeat(batch), batch_size=None, shuffle=False, num_workers=0)
+
+
+class MelRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.mel: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.mel.append(float(trainer.callback_metrics["train/mel"]))
+
+
+def fit(cfg, run_dir, ckpt_path=None, loggers=False, callbacks=()):
+    data = FixedBatchData(cfg.data, cfg.model.sample_rate, cfg.model.seanet.hop_length, seed=0)
+    return run_training(cfg, run_dir, ckpt_path=ckpt_path, datamodule=data, extra_callbacks=callbacks, loggers=loggers)
+
+
+@pytest.mark.parametrize("name", ["grvq_4cb", "rvq_8cb", "fsq"])
+def test_each_config_lowers_mel_loss(name, tmp_path):
+    steps = 8
+    cfg = config(name, f"trainer.max_steps={steps}", "optim.lr=3e-3")
+    recorder = MelRecorder()
+    trainer, module, _ = fit(cfg, tmp_path / name, callbacks=[recorder])
+    assert int(module.gen_step) == steps
+    # Lightning counts discriminator steps too; max_steps is converted so that G steps == max_steps.
+    assert trainer.global_step == 2 * steps
+    assert len(recorder.mel) == steps
+    assert np.mean(recorder.mel[-2:]) < 0.9 * recorder.mel[0], recorder.mel
+
+
+def _state(ckpt: Path) -> dict:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)
+
+
+def _assert_same(a, b, where="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_resume_is_exact(tmp_path):
+    # 4 steps straight vs 2 steps + resume + 2 steps: the same weights, EMA, optimiser and scheduler state.
+    # The GAN starts at step 1, so the resumed half runs both optimisers from restored state.
+    common = ("optim.disc_start_step=1",)
+    _, straight, _ = fit(config("grvq_4cb", "trainer.max_steps=4", *common), tmp_path / "straight")
+    fit(config("grvq_4cb", "trainer.max_steps=2", *common), tmp_path / "half")
+    ckpt = tmp_path / "half" / "checkpoints" / "last.ckpt"
+    assert _state(ckpt)["neurocodec"]["gen_step"] == 2
+    trainer, resumed, _ = fit(config("grvq_4cb", "trainer.max_steps=4", *common), tmp_path / "half", ckpt_path=str(ckpt))
+    assert int(resumed.gen_step) == 4
+    a = _state(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    b = _state(tmp_path / "half" / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 2 * 4 - 1
+    _assert_same(a["state_dict"], b["state_dict"], "state_dict")
+    _assert_same(a["optimizer_states"], b["optimizer_states"], "optimizer_states")
+    _assert_same(a["lr_schedulers"], b["lr_schedulers"], "lr_schedulers")
+    assert any(k.startswith("ema.") for k in a["state_dict"])
+
+
+def test_export_loads_and_encodes_with_validation_metrics(tmp_path):
+    cfg = config("grvq_4cb", "trainer.max_steps=2", "trainer.val_every=2", "trainer.log_every=1")
+    _, module, export = fit(cfg, tmp_path / "run", loggers=True)
+    path = tmp_path / "run" / "codec.safetensors"
+    assert export.codec_path == path and path.is_file()
+    assert read_metadata(path)["gen_step"] == "2"
+    codec = load_codec(str(path))
+    # The export is the EMA generator, not the live weights.
+    ema_first = module.ema.p0
+    assert torch.equal(next(codec.parameters()), ema_first)
+    assert not torch.equal(next(module.codec.parameters()).detach(), ema_first)
+    codes = codec.encode(torch.randn(1, 1, 8000) * 0.1)
+    assert codes.shape == (1, 4, 25)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    metrics = summary["metrics"]
+    for key in ("valid/mel", "valid/pesq", "valid/stoi", "valid/codebook0/usage", "valid/codebook3/perplexity"):
+        assert key in metrics
+    csv_header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "valid/pesq" in csv_header and "train/mel" in csv_header
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_corrupt_file_is_skipped_and_counted(tmp_path):
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines() if line.strip()]
+    good = [r for r in rows if r.get("split") == "train"][:2]
+    for r in good:
+        r["path"] = str((DEMO.parent / r["path"]).resolve())
+    (tmp_path / "broken.flac").write_bytes(b"not audio at all" * 64)
+    extra = [{"id": "broken", "path": "broken.flac", "split": "train"},
+             {"id": "valid0", "path": good[0]["path"], "split": "valid"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in good + extra) + "\n")
+    cfg = config("grvq_4cb", f"data.manifest={manifest}")
+    data = CodecDataModule(cfg.data, 16000, 320)
+    data.setup("fit")
+    assert len(data.skipped) == 1 and data.skipped[0][0].endswith("broken.flac")
+    batch = next(iter(data.train_dataloader()))
+    assert batch.shape == (2, 1, 5120) and torch.isfinite(batch).all()
+
+
+def test_ddp_two_cpu_processes_keep_codebooks_identical(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(REPO / "train" / "fit.py"), "--config", "grvq_4cb", "--preset", "tiny",
+           *[f"--{o}" for o in FAST], "--data.manifest", str(DEMO), "--trainer.max_steps", "3",
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+           "--trainer.root_dir", str(tmp_path), "--trainer.run_name", "ddp"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["gen_step"] == 3
+    assert len(summary["codebook_sha256_per_rank"]) == 2 and summary["codebooks_in_sync"]
+    # The codec was built with sync_codebook: its quantizer all-reduces EMA statistics across ranks.
+    assert "codebooks identical on all 2 processes: True" in done.stdout
+    assert load_codec(str(tmp_path / "ddp" / "codec.safetensors")).encode(torch.zeros(1, 1, 640)).shape == (1, 4, 2)
+
+
+def test_cli_rejects_unknown_and_mistyped_options(capsys):
+    with pytest.raises(ConfigError, match=r"--trainer\.max_stepz"):
+        main(["--config", "grvq_4cb", "--trainer.max_stepz", "5"])
+    with pytest.raises(ConfigError, match=r"data\.batch_size must be int"):
+        main(["--config", "grvq_4cb", "--data.batch_size", "eight"])
+    assert main(["--config", "fsq", "--preset", "tiny", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--trainer.max_steps", "--optim.disc_start_step", "--disc.kinds", "--loss.mel",
+                   "--data.manifest", "--model.quantizer.kind", "--trainer.precision"):
+        assert option in out
