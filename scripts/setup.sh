@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
   missing=()
-  for pkg in opus-tools codec2; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  # openssl: the service tests make a self-signed TLS certificate
+  for pkg in opus-tools codec2 openssl; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
   if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi

@@ -118,3 +118,19 @@ def test_bad_quantizer_config_is_a_clear_error():
         from_dict(QuantizerConfig, {"kind": "pq"}, "model.quantizer")
     with pytest.raises(ConfigError, match="model.quantizer.codebooksize"):
         from_dict(QuantizerConfig, {"codebooksize": 3}, "model.quantizer")
+
+
+def test_code_search_never_picks_a_duplicate_entry_and_follows_codebook_updates():
+    q = trained(QuantizerConfig(kind="rvq", num_quantizers=1, codebook_size=8), dim=4)
+    embed = q.impl.layers[0]._codebook.embed
+    z = torch.randn(1, 4, 50)
+    first = q.encode(z)
+    with torch.no_grad():
+        embed[0, 5] = embed[0, 2]  # entry 5 now duplicates entry 2 exactly
+    codes = q.encode(z)
+    assert not (codes == 5).any()
+    assert torch.equal(codes[first != 5], first[first != 5])
+    with torch.no_grad():
+        embed[0, 5] = 100.0  # an in-place change must not be hidden by the search cache
+        embed[0, 3] = z[0, :, 7]
+    assert q.encode(z)[0, 0, 7] == 3

@@ -347,6 +347,30 @@ def test_health_reflection_and_model_listing(server_a):
     channel.close()
 
 
+def test_microphone_without_portaudio_is_a_clear_error(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sounddevice", None)  # as if sounddevice/PortAudio could not be loaded
+    assert cli_main(["stream", "--mic", "--server", "127.0.0.1:1", "-o", "unused.npy"]) == 2
+    err = capsys.readouterr().err
+    assert "PortAudio" in err and "Traceback" not in err
+
+
+def test_health_is_not_serving_until_the_model_is_ready(codec):
+    srv = ServerThread(ServerOptions(models=[MODEL], port=0, max_streams=1), preloaded={MODEL: codec})
+    port = srv.start(load=False)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    check = lambda: health.Check(health_pb2.HealthCheckRequest(service="neurocodec.v1.Codec")).status  # noqa: E731
+    assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
+    with CodecClient(f"127.0.0.1:{port}") as c:
+        expect_status(grpc.StatusCode.UNAVAILABLE, lambda: list(c.stream_encode([np.zeros(320, np.float32)])), "loading")
+    srv.call(srv.server.load())
+    assert check() == health_pb2.HealthCheckResponse.SERVING
+    channel.close()
+    srv.stop()
+
+
 def test_loadtest_command(server_a, capsys):
     assert cli_main(["loadtest", "--server", f"127.0.0.1:{server_a.port}", "--streams", "3", "--seconds", "0.4",
                      "--json"]) == 0
@@ -386,3 +410,124 @@ def test_graceful_drain_lets_running_sessions_finish(codec, clips):
     drain.join(timeout=30)
     assert np.array_equal(result["codes"], offline(codec, clips[7]))
     srv.stop()
+
+
+def test_serve_command_drains_on_sigterm_with_json_logs(codec, clips, tmp_path):
+    """`neurocodec serve` as a process: becomes SERVING, SIGTERM lets a running session finish, JSON logs."""
+    import json
+    import os
+    import signal
+    import sys
+
+    from neurocodec.codecs.checkpoint import save_codec
+
+    ckpt = save_codec(codec, tmp_path / "tiny.safetensors")  # a checkpoint loads without the codebook init
+    with socket_port() as port:
+        pass
+    proc = subprocess.Popen([sys.executable, "-m", "neurocodec.cli", "serve", "--model", str(ckpt), "--port", str(port),
+                             "--max-streams", "2", "--grace", "20", "--threads", "1"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        statuses = []
+        for _ in range(600):
+            try:
+                statuses.append(health.Check(health_pb2.HealthCheckRequest(), timeout=1).status)
+                if statuses[-1] == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        assert statuses[-1] == health_pb2.HealthCheckResponse.SERVING
+        channel.close()
+        sent, result = threading.Event(), {}
+
+        def paced():
+            for i, chunk in enumerate(chunked(clips[8], 20)):
+                if i == 5:
+                    sent.set()
+                time.sleep(0.01)
+                yield chunk
+
+        def run():
+            with CodecClient(f"127.0.0.1:{port}") as c:
+                result["codes"] = stacked(list(c.stream_encode(paced(), sample_rate=SR)))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        sent.wait(30)
+        proc.send_signal(signal.SIGTERM)
+        thread.join(60)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert np.array_equal(result["codes"], offline(codec, clips[8]))
+    logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    events = [entry["event"] for entry in logs]
+    for expected in ("listening", "serving", "signal", "draining", "session_end", "stopped"):
+        assert expected in events, events
+    assert events.index("draining") < events.index("session_end")
+
+
+class socket_port:
+    """A free loopback port number."""
+
+    def __enter__(self):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        return self.sock.getsockname()[1]
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+def test_maximum_session_duration(codec, clips):
+    srv = ServerThread(ServerOptions(models=[MODEL], port=0, max_streams=1, max_session_s=0.5), preloaded={MODEL: codec})
+    srv.start()
+
+    def paced():
+        for chunk in chunked(clips[9], 20):
+            time.sleep(0.02)
+            yield chunk
+
+    try:
+        with client_a(srv) as c:
+            expect_status(grpc.StatusCode.OUT_OF_RANGE, lambda: list(c.stream_encode(paced(), sample_rate=SR)),
+                          "maximum duration of 0.5 s")
+    finally:
+        srv.stop()
+
+
+def test_slow_reader_is_bounded(codec, clips):
+    """A session whose results are not taken stops being stepped after max_outstanding frames."""
+    import copy
+
+    from neurocodec.serve.batcher import Worker
+
+    async def main():
+        worker = Worker(copy.deepcopy(codec), max_streams=2, max_outstanding=3)
+        worker.start()
+        try:
+            session = worker.open("encode", 4, asyncio.get_running_loop())
+            worker.push(session, clips[0][: 10 * 320])
+            await asyncio.sleep(0.5)
+            assert session.queue.qsize() == 3 and worker.buffered(session) == 7 * 320
+            got = [session.queue.get_nowait() for _ in range(3)]
+            worker.taken(session, 3)
+            worker.end(session)
+            while len(got) < 11:  # 7 more frames, then END, as the reader takes them
+                got.append(await asyncio.wait_for(session.queue.get(), 10))
+                worker.taken(session, 1)
+        finally:
+            worker.stop()
+        return got
+
+    got = asyncio.run(main())
+    from neurocodec.serve.batcher import END
+
+    assert got[-1] is END and [i for i, _ in got[:-1]] == list(range(10))
+    assert np.array_equal(np.stack([codes for _, codes in got[:-1]], axis=1), offline(codec, clips[0][: 10 * 320]))

@@ -173,12 +173,13 @@ def test_ddp_two_cpu_processes_keep_codebooks_identical(tmp_path):
     cmd = [sys.executable, str(REPO / "train" / "fit.py"), "--config", "grvq_4cb", "--preset", "tiny",
            *[f"--{o}" for o in FAST], "--data.manifest", str(DEMO), "--trainer.max_steps", "3",
            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-           "--trainer.root_dir", str(tmp_path), "--trainer.run_name", "ddp"]
+           "--trainer.root_dir", str(tmp_path), "--trainer.run_name", "ddp", "--trainer.val_every", "3"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["gen_step"] == 3
     assert len(summary["codebook_sha256_per_rank"]) == 2 and summary["codebooks_in_sync"]
+    assert 0 < summary["metrics"]["valid/codebook0/usage"] <= 1  # histograms summed over both ranks
     # The codec was built with sync_codebook: its quantizer all-reduces EMA statistics across ranks.
     assert "codebooks identical on all 2 processes: True" in done.stdout
     assert load_codec(str(tmp_path / "ddp" / "codec.safetensors")).encode(torch.zeros(1, 1, 640)).shape == (1, 4, 2)

@@ -114,22 +114,25 @@ class CodebookUsage:
         return metrics
 
 
-_DUPLICATES_CACHE: dict[tuple[int, int], torch.Tensor] = {}
+def _search_terms(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codebook [C, d], squared norms [C], penalty [C]) of one VQ layer for nearest-code search.
 
-
-def _duplicate_entries(codebook: torch.Tensor) -> torch.Tensor:
-    """Bool [C]: True for every entry that repeats an earlier one exactly (cached per codebook version)."""
-    key = (codebook.data_ptr(), codebook._version)
-    mask = _DUPLICATES_CACHE.get(key)
-    if mask is None or mask.shape[0] != codebook.shape[0]:
+    The penalty is +inf on every entry that repeats an earlier one exactly, 0 elsewhere. The terms are
+    cached on the layer itself and recomputed when its codebook changes (in-place version or storage).
+    """
+    codebook = layer._codebook.embed[0]  # a view of the stored codebook
+    stamp = (codebook.data_ptr(), codebook._version, codebook.dtype)
+    cached = getattr(layer, "_neurocodec_search", None)
+    if cached is None or cached[0] != stamp:
         _, inverse = torch.unique(codebook, dim=0, return_inverse=True)
-        first = torch.full((int(inverse.max()) + 1,), codebook.shape[0], dtype=torch.long)
-        first = first.scatter_reduce(0, inverse, torch.arange(codebook.shape[0]), reduce="amin")
-        mask = first[inverse] != torch.arange(codebook.shape[0])
-        if len(_DUPLICATES_CACHE) > 256:
-            _DUPLICATES_CACHE.clear()
-        _DUPLICATES_CACHE[key] = mask
-    return mask.to(codebook.device)
+        positions = torch.arange(codebook.shape[0], device=codebook.device)
+        first = torch.full((int(inverse.max()) + 1,), codebook.shape[0], dtype=torch.long, device=codebook.device)
+        first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+        penalty = torch.zeros(codebook.shape[0], dtype=codebook.dtype, device=codebook.device)
+        penalty[first[inverse] != positions] = float("inf")
+        cached = (stamp, codebook.pow(2).sum(-1), penalty)
+        layer._neurocodec_search = cached
+    return codebook, cached[1], cached[2]
 
 
 class Quantizer(nn.Module):
@@ -277,11 +280,9 @@ class Quantizer(nn.Module):
             residual = rvq.project_in(xg)
             indices = []
             for layer in rvq.layers[:layers_needed]:
-                codebook = layer._codebook.embed[0]  # [C, d], a view of the stored codebook
-                duplicates = _duplicate_entries(codebook)
-                dist = (residual.pow(2).sum(-1, keepdim=True) - 2 * residual @ codebook.t()
-                        + codebook.pow(2).sum(-1))
-                idx = dist.masked_fill(duplicates, float("inf")).argmin(-1)
+                codebook, norms, penalty = _search_terms(layer)
+                # argmin of |r - e|^2 = |r|^2 - 2 r.e + |e|^2; |r|^2 is the same for every entry
+                idx = (norms + penalty - 2 * residual @ codebook.t()).argmin(-1)
                 residual = residual - codebook[idx]
                 indices.append(idx)
             per_group.append(torch.stack(indices, dim=-1))  # [B, T, q]
@@ -310,12 +311,14 @@ class Quantizer(nn.Module):
     def _residual_decode(residual: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         """Sum the first q layers' code vectors (idx [B, T, q]); works for any q, unlike the library's
         helpers, which accept fewer layers only when the model was built with quantizer dropout."""
-        codebooks = residual.codebooks  # [Q, C, d]
         q = idx.shape[-1]
-        vectors = codebooks[torch.arange(q, device=idx.device).view(1, 1, q), idx]  # [B, T, q, d]
         if isinstance(residual, ResidualFSQ):
-            vectors = vectors * residual.scales[:q].view(1, 1, q, -1)
-        return residual.project_out(vectors.sum(dim=2))
+            vectors = residual.codebooks[torch.arange(q, device=idx.device).view(1, 1, q), idx]  # [B, T, q, d]
+            return residual.project_out((vectors * residual.scales[:q].view(1, 1, q, -1)).sum(dim=2))
+        total = residual.layers[0]._codebook.embed[0][idx[..., 0]]
+        for layer_index in range(1, q):
+            total = total + residual.layers[layer_index]._codebook.embed[0][idx[..., layer_index]]
+        return residual.project_out(total)
 
     def _grvq_codes(self, idx: torch.Tensor) -> torch.Tensor:
         g, b, t, q = idx.shape

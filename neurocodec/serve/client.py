@@ -238,7 +238,9 @@ class AsyncCodecClient(_Base):
                     break
                 for item in parse(response):
                     yield item
-            await call  # raises on a non-OK status
+            code = await call.code()
+            if code != grpc.StatusCode.OK:
+                raise ServiceError(code, await call.details() or "")
         except grpc.RpcError as err:
             raise _wrap(err) from None
         finally:

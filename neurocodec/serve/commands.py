@@ -102,8 +102,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _sounddevice():
     try:
         import sounddevice
-    except OSError as err:  # the module loads PortAudio at import time
-        raise UserError(f"audio device support needs the PortAudio library (apt-get install libportaudio2): {err}") from None
+    except (OSError, ImportError) as err:  # the module loads PortAudio at import time
+        raise UserError(f"microphone/speaker support needs the sounddevice package and the PortAudio library "
+                        f"(apt-get install libportaudio2): {err}") from None
     return sounddevice
 
 
@@ -140,6 +141,10 @@ def _mic_chunks(rate: int, chunk_ms: float, seconds: float | None):
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
+    if args.mic:
+        _sounddevice()  # fail early, before connecting, when there is no audio device support
+    elif args.input is None:
+        raise UserError("give an audio file or --mic")
     with _client(args) as client:
         info = client.model_info(args.model)
         rate = info.sample_rate_hz
@@ -167,6 +172,8 @@ def cmd_stream_decode(args: argparse.Namespace) -> int:
 
     if not args.output and not args.play:
         raise UserError("give -o OUT.wav and/or --play")
+    if args.play:
+        _sounddevice()
     codes = load_codes(args.input)
     player = None
     pieces = []

@@ -34,10 +34,10 @@ def check_loopback(target: str) -> None:
         raise UserError(f"loadtest only targets this machine (127.0.0.1 / localhost / ::1); {host!r} is not loopback")
 
 
-def test_signal(seconds: float, sample_rate: int, seed: int) -> np.ndarray:
+def speechlike_signal(seconds: float, sample_rate: int, seed: int) -> np.ndarray:
     """A speech-like signal (harmonic glide + noise bursts), different per stream."""
     rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    t = np.arange(int(round(seconds * sample_rate))) / sample_rate
     f0 = 110 + 80 * rng.random() + 50 * np.sin(2 * np.pi * (0.5 + rng.random()) * t)
     phase = 2 * np.pi * np.cumsum(f0) / sample_rate
     voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
@@ -64,11 +64,13 @@ class LoadResult:
         return self.rejected == 0 and self.failed == 0 and self.frames > 0 and self.p99_ms <= p99_ms
 
 
-async def _one_stream(client: AsyncCodecClient, audio: np.ndarray, rate: int, frame_size: int, chunk: int,
-                      start_at: float, latencies: list, model: str) -> int:
-    """Send `audio` paced at real time from `start_at`; returns the number of frames received."""
-    n_chunks = -(-len(audio) // chunk)
+async def _one_stream(client: AsyncCodecClient, loop_audio: np.ndarray, total: int, rate: int, frame_size: int,
+                      chunk: int, start_at: float, latencies: list, model: str) -> int:
+    """Send `total` samples (`loop_audio` repeated) paced at real time from `start_at`; returns frames received."""
+    n_chunks = -(-total // chunk)
     sent_at = np.full(n_chunks, np.nan)
+    # Chunks are cut from the loop (repeated so that any chunk fits without wrapping logic).
+    source = np.concatenate([loop_audio, loop_audio[: chunk]])
 
     async def chunks():
         for i in range(n_chunks):
@@ -76,9 +78,10 @@ async def _one_stream(client: AsyncCodecClient, audio: np.ndarray, rate: int, fr
             if delay > 0:  # the chunk's last sample "exists" only at this wall time
                 await asyncio.sleep(delay)
             sent_at[i] = time.perf_counter()
-            yield audio[i * chunk:(i + 1) * chunk]
+            start = (i * chunk) % len(loop_audio)
+            yield source[start: start + min(chunk, total - i * chunk)]
 
-    full_frames = len(audio) // frame_size  # the flushed partial frame is not timed
+    full_frames = total // frame_size  # the flushed partial frame is not timed
     got = 0
     async for frame in client.stream_encode(chunks(), sample_rate=rate, model=model, session_id="loadtest"):
         now = time.perf_counter()
@@ -101,8 +104,11 @@ async def run_load(target: str, streams: int, seconds: float, chunk_ms: float = 
         latencies: list[float] = []
         t0 = time.perf_counter() + 0.2
         # Streams start spread over `ramp_s` (a frame's worth of phase offsets), as real clients would.
-        tasks = [asyncio.create_task(_one_stream(client, test_signal(seconds, rate, seed=i), rate, frame_size, chunk,
-                                                 t0 + ramp_s * i / max(streams, 1), latencies, model))
+        total = int(seconds * rate)
+        # A few seconds of signal per stream, looped: memory stays small for long (soak) runs.
+        loop_len = max(chunk, min(total, 4 * rate) // chunk * chunk)
+        tasks = [asyncio.create_task(_one_stream(client, speechlike_signal(loop_len / rate, rate, seed=i), total, rate,
+                                                 frame_size, chunk, t0 + ramp_s * i / max(streams, 1), latencies, model))
                  for i in range(streams)]
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         wall = time.perf_counter() - t0

@@ -242,56 +242,58 @@ class CodecServicer(pb_grpc.CodecServicer):
         except ServeError as err:
             event("session_rejected", logging.WARNING, kind="encode", code=err.code.name, message=err.message)
             await context.abort(err.code, err.message)
-        label = self._label(cfg.session_id)
-        # Initial metadata tells the client its session was admitted: clients may wait for it before
-        # sending audio (see client._bidi), so a rejection is never reported as a failed write.
-        await context.send_initial_metadata((("x-neurocodec-session", label),))
-        rate = model.offline.sample_rate
-        resampler = StreamingResampler(cfg.sample_rate_hz, rate) if cfg.sample_rate_hz != rate else None
-        frame_rate = model.offline.frame_rate
         worker = model.worker
-        max_buffered = int(self.options.max_buffered_s * rate)
+        reader = None
+        try:  # from here on the slot is ours: whatever happens, `finally` frees it
+            label = self._label(cfg.session_id)
+            # Initial metadata tells the client its session was admitted: clients may wait for it before
+            # sending audio (see client._bidi), so a rejection is never reported as a failed write.
+            await context.send_initial_metadata((("x-neurocodec-session", label),))
+            rate = model.offline.sample_rate
+            resampler = StreamingResampler(cfg.sample_rate_hz, rate) if cfg.sample_rate_hz != rate else None
+            frame_rate = model.offline.frame_rate
+            max_buffered = int(self.options.max_buffered_s * rate)
 
-        async def read():
-            try:
-                while True:
-                    msg = await self._next(it, start)
-                    if msg is None:
-                        break
-                    which = msg.WhichOneof("request")
-                    if which != "audio":
-                        raise invalid("config may only be sent once, as the first message; later messages carry audio")
-                    samples = bytes_to_audio(msg.audio, fmt, channels)
+            async def read():
+                try:
+                    while True:
+                        msg = await self._next(it, start)
+                        if msg is None:
+                            break
+                        which = msg.WhichOneof("request")
+                        if which != "audio":
+                            raise invalid("config may only be sent once, as the first message; later messages carry audio")
+                        samples = bytes_to_audio(msg.audio, fmt, channels)
+                        if resampler is not None:
+                            samples = resampler.push(samples)
+                        if samples.size:
+                            worker.push(session, samples)
+                        while worker.buffered(session) > max_buffered:  # backpressure: stop reading this client
+                            await asyncio.sleep(0.005)
                     if resampler is not None:
-                        samples = resampler.push(samples)
-                    if samples.size:
-                        worker.push(session, samples)
-                    while worker.buffered(session) > max_buffered:  # backpressure: stop reading this client
-                        await asyncio.sleep(0.005)
-                if resampler is not None:
-                    tail = resampler.flush()
-                    if tail.size:
-                        worker.push(session, tail)
-                worker.end(session)
-            except ServeError as err:
-                session.queue.put_nowait(err)
-            except (asyncio.CancelledError, grpc.RpcError):
-                raise
-            except Exception as err:  # noqa: BLE001 - a bug must end this session only
-                session.queue.put_nowait(ServeError(grpc.StatusCode.INTERNAL, f"internal error: {err!r}"))
+                        tail = resampler.flush()
+                        if tail.size:
+                            worker.push(session, tail)
+                    worker.end(session)
+                except ServeError as err:
+                    session.queue.put_nowait(err)
+                except (asyncio.CancelledError, grpc.RpcError):
+                    raise
+                except Exception as err:  # noqa: BLE001 - a bug must end this session only
+                    session.queue.put_nowait(ServeError(grpc.StatusCode.INTERNAL, f"internal error: {err!r}"))
 
-        reader = asyncio.create_task(read())
+            reader = asyncio.create_task(read())
 
-        async def body():
-            async for batch in self._pump(worker, session, reader):
-                yield pb.StreamEncodeResponse(frames=[
-                    pb.TokenFrame(index=i, time_offset_s=i / frame_rate, tokens=codes.tolist()) for i, codes in batch])
+            async def body():
+                async for batch in self._pump(worker, session, reader):
+                    yield pb.StreamEncodeResponse(frames=[
+                        pb.TokenFrame(index=i, time_offset_s=i / frame_rate, tokens=codes.tolist()) for i, codes in batch])
 
-        try:
             async for response in self._run_session(context, "encode", label, model, body()):
                 yield response
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             worker.close(session)
 
     # -- StreamDecode --------------------------------------------------------------------------------------
@@ -310,59 +312,61 @@ class CodecServicer(pb_grpc.CodecServicer):
         except ServeError as err:
             event("session_rejected", logging.WARNING, kind="decode", code=err.code.name, message=err.message)
             await context.abort(err.code, err.message)
-        label = self._label(cfg.session_id)
-        # Initial metadata tells the client its session was admitted: clients may wait for it before
-        # sending audio (see client._bidi), so a rejection is never reported as a failed write.
-        await context.send_initial_metadata((("x-neurocodec-session", label),))
-        rate = model.offline.sample_rate
-        resampler = StreamingResampler(rate, out_rate) if out_rate != rate else None
-        cards = model.offline.quantizer.cardinalities
         worker = model.worker
-        max_buffered = max(1, int(self.options.max_buffered_s * model.offline.frame_rate))
+        reader = None
+        try:  # from here on the slot is ours: whatever happens, `finally` frees it
+            label = self._label(cfg.session_id)
+            # Initial metadata tells the client its session was admitted: clients may wait for it before
+            # sending audio (see client._bidi), so a rejection is never reported as a failed write.
+            await context.send_initial_metadata((("x-neurocodec-session", label),))
+            rate = model.offline.sample_rate
+            resampler = StreamingResampler(rate, out_rate) if out_rate != rate else None
+            cards = model.offline.quantizer.cardinalities
+            max_buffered = max(1, int(self.options.max_buffered_s * model.offline.frame_rate))
 
-        async def read():
-            try:
-                while True:
-                    msg = await self._next(it, start)
-                    if msg is None:
-                        break
-                    if msg.WhichOneof("request") != "frames":
-                        raise invalid("config may only be sent once, as the first message; later messages carry token frames")
-                    codes = frames_to_codes(msg.frames.frames, k, cards)
-                    if codes.shape[1]:
-                        worker.push(session, codes)
-                    while worker.buffered(session) > max_buffered:
-                        await asyncio.sleep(0.005)
-                worker.end(session)
-            except ServeError as err:
-                session.queue.put_nowait(err)
-            except (asyncio.CancelledError, grpc.RpcError):
-                raise
-            except Exception as err:  # noqa: BLE001
-                session.queue.put_nowait(ServeError(grpc.StatusCode.INTERNAL, f"internal error: {err!r}"))
+            async def read():
+                try:
+                    while True:
+                        msg = await self._next(it, start)
+                        if msg is None:
+                            break
+                        if msg.WhichOneof("request") != "frames":
+                            raise invalid("config may only be sent once, as the first message; later messages carry token frames")
+                        codes = frames_to_codes(msg.frames.frames, k, cards)
+                        if codes.shape[1]:
+                            worker.push(session, codes)
+                        while worker.buffered(session) > max_buffered:
+                            await asyncio.sleep(0.005)
+                    worker.end(session)
+                except ServeError as err:
+                    session.queue.put_nowait(err)
+                except (asyncio.CancelledError, grpc.RpcError):
+                    raise
+                except Exception as err:  # noqa: BLE001
+                    session.queue.put_nowait(ServeError(grpc.StatusCode.INTERNAL, f"internal error: {err!r}"))
 
-        reader = asyncio.create_task(read())
+            reader = asyncio.create_task(read())
 
-        async def body():
-            sample = 0
-            async for batch in self._pump(worker, session, reader):
-                audio = np.concatenate([wav for _, wav in batch])
+            async def body():
+                sample = 0
+                async for batch in self._pump(worker, session, reader):
+                    audio = np.concatenate([wav for _, wav in batch])
+                    if resampler is not None:
+                        audio = resampler.push(audio)
+                    yield pb.StreamDecodeResponse(audio=audio_to_bytes(audio, fmt), first_frame=batch[0][0],
+                                                  num_frames=len(batch), first_sample=sample)
+                    sample += audio.size
                 if resampler is not None:
-                    audio = resampler.push(audio)
-                yield pb.StreamDecodeResponse(audio=audio_to_bytes(audio, fmt), first_frame=batch[0][0],
-                                              num_frames=len(batch), first_sample=sample)
-                sample += audio.size
-            if resampler is not None:
-                tail = resampler.flush()
-                if tail.size:
-                    yield pb.StreamDecodeResponse(audio=audio_to_bytes(tail, fmt), first_frame=session.next_index,
-                                                  num_frames=0, first_sample=sample)
+                    tail = resampler.flush()
+                    if tail.size:
+                        yield pb.StreamDecodeResponse(audio=audio_to_bytes(tail, fmt), first_frame=session.next_index,
+                                                      num_frames=0, first_sample=sample)
 
-        try:
             async for response in self._run_session(context, "decode", label, model, body()):
                 yield response
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             worker.close(session)
 
     # -- unary ------------------------------------------------------------------------------------------------
@@ -550,10 +554,11 @@ class ServerThread:
         self.server: Server | None = None
         self._thread = threading.Thread(target=self.loop.run_forever, name="neurocodec-server", daemon=True)
 
-    def start(self) -> int:
+    def start(self, load: bool = True) -> int:
+        """Listen (and, with `load`, load the models and report SERVING); returns the port."""
         self._thread.start()
         self.server = Server(self.options, self.preloaded)
-        return asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result()
+        return asyncio.run_coroutine_threadsafe(self.server.start(load=load), self.loop).result()
 
     @property
     def port(self) -> int:

@@ -309,7 +309,8 @@ ENCODING_NOTES = {
     "exact": "encoder and nearest-code search in float64 (the codec's exact encoding): codes equal "
              "`neurocodec encode` of each file, whatever the batching",
     "float32": "encoder in float32 (faster): reproducible for the same --batch-size and shard size, but a few "
-               "near-tie frames (well under 1%) may differ from `neurocodec encode` of the file alone",
+               "near-tie codes (a few percent of frames with an untrained model) differ from `neurocodec encode` "
+               "of the file alone",
 }
 
 

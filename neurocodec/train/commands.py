@@ -6,7 +6,8 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", add_help=False, help="train a codec (same options as train/fit.py; --help lists them)")
+    p = sub.add_parser("train", add_help=False, prefix_chars="+",  # pass every --option through to fit.py
+                       help="train a codec (same options as train/fit.py; --help lists them)")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_train)
 

@@ -1,0 +1,180 @@
+"""Served streams: per-frame latency of the gRPC service vs number of real-time streams, with and without
+cross-stream batching.
+
+For each N the server (a `neurocodec serve` subprocess, sized --max-streams N) gets N real-time-paced
+StreamEncode sessions from `neurocodec.serve.loadtest` in this process; per-frame latency is the time
+from sending a frame's last sample to receiving its tokens (what the service adds on top of the one-frame
+algorithmic latency). The reference is the same server stepping sessions one by one (--no-batching).
+Then the largest N with p99 <= --p99-ms and no rejected/failed stream is searched for both modes.
+The load generator shares the machine's cores with the server, as a real co-located client would.
+
+    python bench/serve_latency.py            # default grvq_4cb, 1/16/64/128 streams, 10 s each
+    python bench/serve_latency.py --quick    # tiny model, short run: checks the script works
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import arg_parser, figure, write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(port: int, proc: subprocess.Popen, timeout: float = 600.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.time() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError("server did not become SERVING")
+
+
+class Served:
+    """`neurocodec serve` in a subprocess for the duration of a `with` block."""
+
+    def __init__(self, model: str, max_streams: int, batching: bool, threads: int | None) -> None:
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "neurocodec.cli", "serve", "--model", model, "--port", str(self.port),
+               "--max-streams", str(max_streams), "--log-level", "warning", "--grace", "2"]
+        if not batching:
+            cmd.append("--no-batching")
+        if threads:
+            cmd += ["--threads", str(threads)]
+        self.cmd = cmd
+
+    def __enter__(self) -> "Served":
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stderr=subprocess.DEVNULL)
+        wait_serving(self.port, self.proc)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()  # SIGTERM: graceful drain
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def measure(model: str, n: int, batching: bool, seconds: float, threads: int | None):
+    from neurocodec.serve.loadtest import run_load
+
+    with Served(model, n, batching, threads) as server:
+        return asyncio.run(run_load(server.target, n, seconds))
+
+
+def find_max(model: str, batching: bool, seconds: float, p99_ms: float, limit: int, threads: int | None,
+             known: dict[int, object]) -> int:
+    """Doubling then bisection on N (a server sized for each N); reuses the runs already made."""
+    def ok(n: int) -> bool:
+        r = known.get(n) or measure(model, n, batching, seconds, threads)
+        known[n] = r
+        print(f"  {'batched' if batching else 'one by one'} N={n}: p99 {r.p99_ms:.1f} ms, rejected {r.rejected}, "
+              f"failed {r.failed} -> {'ok' if r.ok(p99_ms) else 'over'}", flush=True)
+        return r.ok(p99_ms)
+
+    good, bad, n = 0, None, 1
+    while n <= limit:
+        if ok(n):
+            good, n = n, n * 2
+        else:
+            bad = n
+            break
+    if bad is None:
+        return good
+    while bad - good > max(1, good // 16):
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if ok(mid) else (good, mid)
+    return good
+
+
+def main() -> None:
+    parser = arg_parser(__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model (default grvq_4cb; --quick: grvq_4cb:tiny)")
+    parser.add_argument("--streams", default=None, help="comma-separated N (default 1,16,64,128)")
+    parser.add_argument("--seconds", type=float, default=None, help="audio per stream (default 10)")
+    parser.add_argument("--p99-ms", type=float, default=20.0)
+    parser.add_argument("--find-limit", type=int, default=None, help="largest N tried by the search (default 512)")
+    parser.add_argument("--threads", type=int, default=None, help="server torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    quick = args.quick
+    model = args.model or ("grvq_4cb:tiny" if quick else "grvq_4cb")
+    streams = [int(s) for s in (args.streams or ("1,4" if quick else "1,16,64,128")).split(",")]
+    seconds = args.seconds or (1.5 if quick else 10.0)
+    limit = args.find_limit or (8 if quick else 512)
+
+    # Build the model once and serve it from a checkpoint (so each server restart skips the codebook init).
+    from neurocodec.codecs.checkpoint import load_codec, save_codec
+
+    tmp = tempfile.TemporaryDirectory()
+    ckpt = str(Path(tmp.name) / "model.safetensors")
+    codec = load_codec(model)
+    save_codec(codec, ckpt)
+    print(f"model {model}: {codec.info()['parameters']:,} parameters, {codec.frame_size} samples/frame; "
+          f"{os.cpu_count()} CPUs", flush=True)
+
+    runs = {True: {}, False: {}}
+    rows, figures = [], []
+    for n in streams:
+        for batching in (True, False):
+            runs[batching][n] = measure(ckpt, n, batching, seconds, args.threads)
+        b, u = runs[True][n], runs[False][n]
+        print(f"N={n:4d}  batched p50 {b.p50_ms:7.2f} p99 {b.p99_ms:7.2f} ms (rej {b.rejected}, fail {b.failed})   "
+              f"one-by-one p50 {u.p50_ms:7.2f} p99 {u.p99_ms:7.2f} ms (rej {u.rejected}, fail {u.failed})   "
+              f"p99 ratio one-by-one/batched {u.p99_ms / b.p99_ms:5.2f}", flush=True)
+        rows.append({"streams": n, "batched": vars(b), "one_by_one": vars(u)})
+        for pct in ("p50", "p99"):
+            figures.append(figure(f"{pct} added latency per frame, {n} streams", getattr(b, f"{pct}_ms"), "ms",
+                                  reference="same server, sessions stepped one by one",
+                                  reference_value=getattr(u, f"{pct}_ms"), higher_is_better=False,
+                                  target="served_p99_latency" if pct == "p99" else None))
+    best = {}
+    for batching in (True, False):
+        best[batching] = find_max(ckpt, batching, seconds, args.p99_ms, limit, args.threads, runs[batching])
+    print(f"largest N with p99 <= {args.p99_ms:g} ms: batched {best[True]}, one by one {best[False]} "
+          f"(ratio {best[True] / max(best[False], 1):.2f})", flush=True)
+    figures.append(figure(f"real-time streams with p99 <= {args.p99_ms:g} ms", best[True], "streams",
+                          reference="same server, sessions stepped one by one", reference_value=max(best[False], 1e-9),
+                          target="served_streams"))
+    write_result("serve_latency", {
+        "title": "Served streams: per-frame latency vs concurrent real-time streams (gRPC, loopback)",
+        "figures": figures,
+        "params": {"model": model, "streams": streams, "seconds_per_stream": seconds, "p99_target_ms": args.p99_ms,
+                   "chunk_ms": 20, "server_threads": args.threads, "find_limit": limit},
+        "rows": rows,
+        "max_streams": {"batched": best[True], "one_by_one": best[False]},
+        "notes": "Latency = tokens received - frame's last sample sent (excludes the 20 ms algorithmic frame). "
+                 "Load generator runs on the same cores as the server.",
+    }, quick=quick)
+
+
+if __name__ == "__main__":
+    main()
