@@ -294,3 +294,16 @@ def test_float32_export_is_recorded_and_close_to_exact(demo_export, demo_manifes
     capsys.readouterr()
     assert export(tiny_ckpt, manifest, out, "--workers", "0") == 2  # an exact rerun into a float32 export
     assert "different model" in capsys.readouterr().err
+
+
+def test_shard_of_only_unreadable_files(corpus, tiny_ckpt, tmp_path):
+    """A shard whose files are all unreadable is still written (so a rerun skips it) and loads as 0 rows."""
+    utts = [Utterance(id="gone1", path=str(tmp_path / "gone1.wav")), Utterance(id="gone2", path=str(tmp_path / "g2.wav"))]
+    manifest = write_manifest(tmp_path / "m.jsonl", utts + corpus[:2])
+    out = tmp_path / "out"
+    assert export(tiny_ckpt, manifest, out, "--shard-size", "2", "--workers", "0") == 0
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["rows"] == 2 and info["num_bad"] == 2 and [s["rows"] for s in info["shards"]] == [0, 2]
+    ds = TokenDataset(out)
+    assert ds.hf(cache_dir=str(tmp_path / "hf")).num_rows == 2 == ds.table().num_rows
+    assert [r["id"] for r in ds.rows()] == [corpus[0].id, corpus[1].id]

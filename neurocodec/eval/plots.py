@@ -120,7 +120,7 @@ def plot_codebook_usage(payload: dict, counts: dict[str, list[list[float]]], pat
     ax1.set_xlabel("codebook")
     ax1.set_ylabel("entries used (%)")
     ax1.set_ylim(0, 105)
-    ax1.legend(loc="lower right", fontsize=8)
+    ax1.legend(loc="upper right", fontsize=8)
     for i, h in enumerate(hist):
         total = h.sum()
         if total <= 0:

@@ -54,6 +54,24 @@ def codebook_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def target_lines(payload: dict) -> list[str]:
+    """DESIGN.md's quality and codebook-usage targets, checked on this evaluation (when it has the rows)."""
+    rows = {r["system"]: r for r in payload["systems"]}
+    ours = [r for r in payload["systems"] if r["kind"] == "model" and r["pesq"]["mean"] is not None]
+    opus6 = rows.get("Opus 6 kbps")
+    lines = []
+    if ours and opus6 and opus6["pesq"]["mean"] is not None:
+        best = min(ours, key=lambda r: abs(r["kbps"] - 2.0))  # the target is stated at 2 kbps
+        met = best["pesq"]["mean"] >= opus6["pesq"]["mean"]
+        lines.append(f"- target *PESQ-WB at 2 kbps >= Opus 6 kbps*: {best['system']} ({best['kbps']:.2f} kbps) "
+                     f"{best['pesq']['mean']:.2f} vs {opus6['pesq']['mean']:.2f} -> **{'met' if met else 'not met'}**")
+    for k, cbs in payload.get("codebooks", {}).items():
+        low = min(c["usage"] for c in cbs)
+        lines.append(f"- target *>= 95% of codebook entries used* ({k}): smallest usage {100 * low:.1f}% -> "
+                     f"**{'met' if low >= 0.95 else 'not met'}**")
+    return (["Targets (DESIGN.md):", ""] + lines + [""]) if lines else []
+
+
 def write_json(result: EvalResult | dict, path: str | Path) -> Path:
     payload = result.to_json() if isinstance(result, EvalResult) else result
     path = Path(path)
@@ -104,6 +122,7 @@ def markdown(payload: dict, figures: dict[str, str] | None = None, title: str | 
     if command:
         out += [f"- command: `{command}`"]
     out += ["", "## Results", "", results_table(payload), ""]
+    out += target_lines(payload)
     entropy = model.get("entropy_kbps") or {}
     if entropy:
         out += ["Entropy of the codes over the set (the rate an entropy coder could reach): " +

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import signal
 import sys
@@ -81,7 +80,7 @@ class Plan:
 
 
 def make_plan(manifest_path: str | Path, shard_size: int, codec_desc: dict, num_codebooks: int,
-              encoding: str = "exact") -> Plan:
+              encoding: str = "exact", batch_size: int = 16) -> Plan:
     if shard_size < 1:
         raise UserError("--shard-size must be at least 1")
     from ..codecs.checkpoint import file_sha256
@@ -95,6 +94,8 @@ def make_plan(manifest_path: str | Path, shard_size: int, codec_desc: dict, num_
     key = {"format": fmt.FORMAT, "weights_sha256": codec_desc["weights_sha256"], "config": codec_desc["config"],
            "num_codebooks": num_codebooks, "manifest_sha256": manifest["sha256"], "shard_size": shard_size,
            "encoding": encoding}
+    if encoding != "exact":  # float32 codes depend on batch shapes: a resume must batch the same way
+        key["batch_size"] = batch_size
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return Plan(utterances, shard_size, text_columns, manifest, fingerprint)
 
@@ -169,6 +170,8 @@ def _lightning():
             if wav.shape[0] == 0:
                 return []
             codes = self.codec.encode(wav).to(torch.int32).cpu()
+            if codes.numel() and int(codes.min()) < 0:  # would wrap round in the unsigned column
+                raise RuntimeError("the codec returned negative codes")
             frames = (lengths + self.codec.frame_size - 1) // self.codec.frame_size
             return [codes[b, :, : int(frames[b])].numpy() for b in range(codes.shape[0])]
 
@@ -246,7 +249,7 @@ def _lightning():
         def write_shard(self, shard: int, acc: dict, rank: int) -> None:
             order = sorted(acc["rows"])
             table = self.rows_table(order, acc["rows"])
-            bad = [{"id": self.plan.utterances[i].id, "path": self.plan.utterances[i].path, "error": err}
+            bad = [{"id": self.plan.utterances[i].id, "path": os.path.abspath(self.plan.utterances[i].path), "error": err}
                    for i, err in sorted(acc["bad"])]
             meta = {"shard": shard, "rank": rank, "first": self.plan.shard_range(shard).start,
                     "stop": self.plan.shard_range(shard).stop, "rows": table.num_rows,
@@ -254,7 +257,10 @@ def _lightning():
             table = table.replace_schema_metadata({fmt.METADATA_KEY: json.dumps(meta, ensure_ascii=False)})
             name = fmt.shard_name(rank, shard)
             tmp = self.out / f".{name}.tmp-{os.getpid()}"
-            pq.write_table(table, tmp, compression="zstd")
+            if table.num_rows:
+                pq.write_table(table, tmp, compression="zstd")
+            else:  # every file of the shard unreadable: no row group at all (a 0-row group trips `datasets`)
+                pq.ParquetWriter(tmp, table.schema, compression="zstd").close()
             if self.written == self.kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
             tmp.replace(self.out / name)
@@ -308,7 +314,7 @@ class ExportOptions:
 ENCODING_NOTES = {
     "exact": "encoder and nearest-code search in float64 (the codec's exact encoding): codes equal "
              "`neurocodec encode` of each file, whatever the batching",
-    "float32": "encoder in float32 (faster): reproducible for the same --batch-size and shard size, but a few "
+    "float32": "encoder in float32 (faster): reproducible for the same --batch-size (part of the fingerprint), but "
                "near-tie codes (a few percent of frames with an untrained model) differ from `neurocodec encode` "
                "of the file alone",
 }
@@ -466,7 +472,7 @@ def run_export(opts: ExportOptions, codec=None) -> dict:
     if opts.encoding not in ENCODING_NOTES:
         raise UserError(f"encoding {opts.encoding!r} is not one of {', '.join(ENCODING_NOTES)}")
     codec_desc = describe_codec(codec, opts.model)
-    plan = make_plan(opts.manifest, opts.shard_size, codec_desc, codec.num_codebooks, opts.encoding)
+    plan = make_plan(opts.manifest, opts.shard_size, codec_desc, codec.num_codebooks, opts.encoding, opts.batch_size)
     if opts.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if opts.workers < 0:
@@ -483,13 +489,19 @@ def run_export(opts: ExportOptions, codec=None) -> dict:
     devices = int(opts.devices) if str(opts.devices).isdigit() else opts.devices
     with warnings.catch_warnings():
         # Lightning's advice for training loops does not apply here (our batch sampler returns every item).
-        for message in (".*does not have many workers.*", ".*custom batch sampler.*", ".*LeafSpec.*"):
+        for message in (".*does not have many workers.*", ".*custom batch sampler.*", ".*LeafSpec.*",
+                        ".*Total length of `DataLoader` across ranks is zero.*"):
             warnings.filterwarnings("ignore", message=message)
         trainer = pl.Trainer(accelerator=opts.accelerator, devices=devices, num_nodes=opts.num_nodes, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              use_distributed_sampler=False, inference_mode=True, callbacks=[writer])
-        if trainer.is_global_zero and not (out / fmt.INFO_FILE).is_file():
-            fmt.write_json_atomic(out / fmt.INFO_FILE, info)  # fingerprint first: a killed run resumes safely
+        if trainer.is_global_zero:
+            if not (out / fmt.INFO_FILE).is_file():
+                fmt.write_json_atomic(out / fmt.INFO_FILE, info)  # fingerprint first: a killed run resumes safely
+            done = len(existing_shards(out))
+            if done:
+                print(f"export: {done} of {plan.num_shards} shards already done in {out}; encoding the rest",
+                      file=sys.stderr)
         trainer.predict(EncodeModule(codec), datamodule=data, return_predictions=False)
     trainer.strategy.barrier()
     if not trainer.is_global_zero:

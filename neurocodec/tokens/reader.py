@@ -68,9 +68,12 @@ class TokenDataset:
         """Rows as dicts, `codes` as a numpy [K, T] array; one shard in memory at a time."""
         for path in self.files:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
-                for row in batch.to_pylist():
-                    if "codes" in row:
-                        row["codes"] = np.asarray(row["codes"], dtype=np.int64).reshape(len(row["codes"]), -1)
+                names = [n for n in batch.schema.names if n != "codes"]
+                plain = batch.select(names).to_pylist()
+                arrays = codes_arrays(batch.column("codes")) if "codes" in batch.schema.names else None
+                for i, row in enumerate(plain):
+                    if arrays is not None:
+                        row["codes"] = arrays[i]
                     yield row
 
     def __iter__(self) -> Iterator[dict]:
@@ -85,8 +88,9 @@ class TokenDataset:
         if utt_id not in self._index:
             raise UserError(f"{self.folder}: no row with id {utt_id!r}")
         f, r = self._index[utt_id]
-        row = pq.read_table(self.files[f]).slice(r, 1).to_pylist()[0]
-        row["codes"] = np.asarray(row["codes"], dtype=np.int64).reshape(len(row["codes"]), -1)
+        table = pq.read_table(self.files[f]).slice(r, 1)
+        row = table.drop_columns(["codes"]).to_pylist()[0]
+        row["codes"] = codes_arrays(table.column("codes").combine_chunks())[0]
         return row
 
     def codes(self, utt_id: str) -> np.ndarray:
@@ -98,6 +102,21 @@ class TokenDataset:
         for row in self.rows():
             yield {"id": row["id"], "text": row.get("text"), "speaker": row.get("speaker"), "n_frames": row["n_frames"],
                    "tokens": to_sequence(row["codes"], layout, self.cardinality, offset=offset, pad_id=self.pad_id)}
+
+
+def codes_arrays(column: pa.Array) -> list[np.ndarray]:
+    """A `codes` column (list<list<uint>>) -> one int64 [K, T] array per row, straight from Arrow buffers."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    outer = column.offsets.to_numpy()
+    inner_lists = column.values
+    inner = inner_lists.offsets.to_numpy()
+    flat = inner_lists.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    out = []
+    for i in range(len(column)):
+        a, b = outer[i], outer[i + 1]
+        out.append(flat[inner[a]:inner[b]].reshape(b - a, -1) if b > a else np.zeros((0, 0), np.int64))
+    return out
 
 
 def to_sequence(codes: np.ndarray, layout_name: str, cardinality: list[int], offset: bool = False,

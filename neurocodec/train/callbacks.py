@@ -67,7 +67,7 @@ class CodecExport(L.Callback):
 
     def on_train_end(self, trainer, module) -> None:
         last = self.run_dir / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(last)  # also exports the codec (on_save_checkpoint)
+        trainer.save_checkpoint(last, weights_only=False)  # full state for resume; also exports the codec
         digest = codebook_digest(module.codec)
         digests = [digest]
         if dist.is_available() and dist.is_initialized():

@@ -14,7 +14,6 @@ few items and logs audio examples.
 from __future__ import annotations
 
 import copy
-import math
 
 import lightning as L
 import torch
@@ -96,7 +95,7 @@ class CodecTrainingModule(L.LightningModule):
             self._pending_rng = None
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        o, c = self.config.optim, self.config.trainer
+        o = self.config.optim
         step = int(self.gen_step)
         optimizers = self._as_list(self.optimizers())
         schedulers = self._as_list(self.lr_schedulers())
