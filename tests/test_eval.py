@@ -279,7 +279,8 @@ def test_benchmarks_markdown_from_results(tmp_path):
             common.figure("p99 latency", 35.0, "ms", target="served_p99_latency")]
     assert figs[0]["ratio"] == pytest.approx(3.0) and figs[0]["met"] is True and figs[1]["met"] is False
     common.write_result("codec_speed", {"title": "Codec speed", "figures": figs}, quick=True, out_dir=tmp_path)
-    common.write_result("legacy", {"throughput": 12.5, "note": "no figures"}, out_dir=tmp_path)
+    common.write_result("legacy", {"throughput": 12.5, "note": "no figures", "gan": {"median_step_s": 0.25}},
+                        out_dir=tmp_path)
     (tmp_path / "broken.json").write_text("{not json")
     data = json.loads((tmp_path / "codec_speed.json").read_text())
     assert data["machine"]["cpu_count"] and data["versions"]["torch"] and data["date"] and data["quick"] is True
@@ -288,5 +289,6 @@ def test_benchmarks_markdown_from_results(tmp_path):
 
     md = write_benchmarks_md(tmp_path, tmp_path / "BENCHMARKS.md", {"serve_latency": "exit code 1"}).read_text()
     assert "## Codec speed" in md and "| 3 x |" in md and "**met**" in md and "**not met**" in md
-    assert "serve_latency" in md and "throughput" in md and "unreadable" in md
+    assert "serve_latency" in md and "| throughput | 12.5 |" in md and "| gan.median_step_s | 0.25 |" in md
+    assert "unreadable" in md
     assert data["machine"]["cpu_model"] in md

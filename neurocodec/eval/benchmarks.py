@@ -71,6 +71,20 @@ def _versions_line(r: dict) -> str:
     return ", ".join(f"{k} {val}" for k, val in v.items() if val) or "—"
 
 
+def _flatten(data: dict, prefix: str = "") -> dict:
+    """Nested dicts as dotted keys, lists of scalars joined: a JSON without `figures` still shows everything."""
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        elif isinstance(value, list) and all(isinstance(v, (int, float, str, bool)) for v in value):
+            out[name] = ", ".join(map(str, value)) if value else "—"
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            out[name] = value
+    return out
+
+
 def render(results: list[dict], failures: dict[str, str] | None = None, generated: str | None = None,
            command: str = "bench/run_all") -> str:
     generated = generated or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
@@ -136,8 +150,7 @@ def render(results: list[dict], failures: dict[str, str] | None = None, generate
                     f"{_num(ratio, 'x') if ratio is not None else '—'} | "
                     f"{f.get('target_text', '—')} | {_met(f.get('met'))} |")
             out.append("")
-        scalars = {k: v for k, v in r.items()
-                   if k not in SKIP_KEYS and not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+        scalars = _flatten({k: v for k, v in r.items() if k not in SKIP_KEYS and not k.startswith("_")})
         if scalars and not figures:
             out += ["| field | value |", "|---|---|"]
             out += [f"| {k} | {_num(v)} |" for k, v in scalars.items()]
