@@ -57,10 +57,12 @@ def wait_serving(port: int, proc: subprocess.Popen, timeout: float = 600.0) -> N
 class Served:
     """`neurocodec serve` in a subprocess for the duration of a `with` block."""
 
+    extra_args: list[str] = []  # passed to every server of this run (e.g. --float32)
+
     def __init__(self, model: str, max_streams: int, batching: bool, threads: int | None) -> None:
         self.port = free_port()
         cmd = [sys.executable, "-m", "neurocodec.cli", "serve", "--model", model, "--port", str(self.port),
-               "--max-streams", str(max_streams), "--log-level", "warning", "--grace", "2"]
+               "--max-streams", str(max_streams), "--log-level", "warning", "--grace", "2", *self.extra_args]
         if not batching:
             cmd.append("--no-batching")
         if threads:
@@ -124,7 +126,10 @@ def main() -> None:
     parser.add_argument("--p99-ms", type=float, default=20.0)
     parser.add_argument("--find-limit", type=int, default=None, help="largest N tried by the search (default 512)")
     parser.add_argument("--threads", type=int, default=None, help="server torch threads (default: torch's choice)")
+    parser.add_argument("--float32", action="store_true", help="serve with a float32 encoder (faster, not exact)")
     args = parser.parse_args()
+    if args.float32:
+        Served.extra_args = ["--float32"]
     quick = args.quick
     model = args.model or ("grvq_4cb:tiny" if quick else "grvq_4cb")
     streams = [int(s) for s in (args.streams or ("1,4" if quick else "1,16,64,128")).split(",")]
@@ -164,10 +169,10 @@ def main() -> None:
     figures.append(figure(f"real-time streams with p99 <= {args.p99_ms:g} ms", best[True], "streams",
                           reference="same server, sessions stepped one by one", reference_value=best[False] or None,
                           target="served_streams"))
-    write_result("serve_latency", {
+    write_result("serve_latency_float32" if args.float32 else "serve_latency", {
         "title": "Served streams: per-frame latency vs concurrent real-time streams (gRPC, loopback)",
         "figures": figures,
-        "params": {"model": model, "streams": streams, "seconds_per_stream": seconds, "p99_target_ms": args.p99_ms,
+        "params": {"model": model, "encoder": "float32" if args.float32 else "float64 (exact)", "streams": streams, "seconds_per_stream": seconds, "p99_target_ms": args.p99_ms,
                    "chunk_ms": 20, "server_threads": args.threads, "find_limit": limit},
         "rows": rows,
         "max_streams": {"batched": best[True], "one_by_one": best[False]},

@@ -12,11 +12,6 @@ throughput as seconds of audio per second of wall time. Figures go to docs/bench
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +23,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import arg_parser, figure, write_result  # noqa: E402
 
 from neurocodec.data.dataset import AudioSegmentDataset  # noqa: E402
 from neurocodec.train.datamodule import CodecDataModule  # noqa: E402
@@ -91,7 +89,7 @@ def measure(args, gan: bool) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arg_parser(__doc__.splitlines()[0])
     p.add_argument("--config", default="grvq_4cb")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--segment", type=float, default=1.0, help="seconds per training crop")
@@ -100,31 +98,33 @@ def main() -> None:
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default=str(REPO / "docs" / "bench" / "train_speed.json"))
     args = p.parse_args()
+    if args.quick:
+        args.batch, args.segment, args.steps, args.warmup = 2, 0.5, 2, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     gan = measure(args, gan=True)
     gen_only = measure(args, gan=False)
-    result = {
-        "benchmark": "train_speed", "config": args.config, "size": "default (no preset)",
-        "batch": args.batch, "segment_seconds": args.segment, "accelerator": args.accelerator,
-        "precision": args.precision, "gan_step": gan, "generator_only_step": gen_only,
-        "gan_over_generator_only_time_ratio": gan["median_step_s"] / gen_only["median_step_s"],
-        "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    print(f"{args.config} (default size), batch {args.batch} x {args.segment} s, {args.accelerator} {args.precision}:")
-    print(f"  GAN step ({', '.join(gan['disc'])}): {gan['steps_per_s']:.3f} generator steps/s "
-          f"({gan['audio_s_per_s']:.2f} s of audio per s)")
-    print(f"  generator-only step:  {gen_only['steps_per_s']:.3f} steps/s")
-    print(f"  GAN step / generator-only step time: {result['gan_over_generator_only_time_ratio']:.2f}x")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    setting = f"batch {args.batch} x {args.segment:g} s, {args.accelerator}, {args.precision}"
+    figures = [
+        figure(f"generator steps/s, full GAN step ({', '.join(gan['disc'])})", gan["steps_per_s"], "steps/s",
+               reference="generator-only step (no discriminator), same run", reference_value=gen_only["steps_per_s"],
+               setting=setting),
+        figure("training throughput, full GAN step", gan["audio_s_per_s"], "s of audio per s", setting=setting),
+    ]
+    print(f"{args.config} (default size), {setting}, {torch.get_num_threads()} threads:")
+    for row in figures:
+        print(f"  {row['metric']}: {row['value']:.3f} {row['unit']}")
+    print(f"  generator-only step: {gen_only['steps_per_s']:.3f} steps/s")
+    write_result("train_speed", {
+        "title": "Training speed, default-size grvq_4cb (issue 3)",
+        "figures": figures,
+        "params": {"config": args.config, "size": "default (no preset)", "batch": args.batch,
+                   "segment_seconds": args.segment, "accelerator": args.accelerator, "precision": args.precision,
+                   "torch_threads": torch.get_num_threads(),
+                   "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "gan_step": gan, "generator_only_step": gen_only,
+    }, quick=args.quick)
 
 
 if __name__ == "__main__":

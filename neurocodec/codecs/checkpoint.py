@@ -45,16 +45,28 @@ def warm_start_codebooks(codec: torch.nn.Module) -> None:
 
     Enough audio for a few more frames than the largest codebook has entries (k-means otherwise samples
     duplicate centroids), and few k-means iterations: this only has to spread the codes out.
+    It runs on one thread in float64: k-means is iterative, so float32 rounding that differs with the
+    thread count (or the CPU's kernels) would otherwise give different codebooks in different processes,
+    and "same config, same weights" would not hold.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(codec.config.seed + 1)
-        frames = int(1.1 * max(codec.quantizer.cardinalities)) + 1
-        n = frames * codec.frame_size
-        # Noise with a random spectral tilt per second: more varied latents than white noise.
-        noise = torch.randn(1, 1, n)
-        gains = torch.rand(1, 1, n // codec.sample_rate + 1).repeat_interleave(codec.sample_rate, dim=-1)[..., :n]
-        audio = 0.1 * gains * noise
-        codec.quantizer.initialize_codebooks(codec.encoder(audio), kmeans_iters=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(codec.config.seed + 1)
+            frames = int(1.1 * max(codec.quantizer.cardinalities)) + 1
+            n = frames * codec.frame_size
+            # Noise with a random gain per second: more varied latents than white noise.
+            noise = torch.randn(1, 1, n, dtype=torch.float64)
+            gains = torch.rand(1, 1, n // codec.sample_rate + 1, dtype=torch.float64)
+            gains = gains.repeat_interleave(codec.sample_rate, dim=-1)[..., :n]
+            codec.encoder.double()
+            codec.quantizer.double()
+            codec.quantizer.initialize_codebooks(codec.encoder(0.1 * gains * noise), kmeans_iters=5)
+    finally:
+        codec.encoder.float()
+        codec.quantizer.float()
+        torch.set_num_threads(threads)
     codec.eval()
 
 

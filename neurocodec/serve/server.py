@@ -75,6 +75,7 @@ class ServerOptions:
     max_outstanding: int = 250  # results queued per session (5 s of frames) before its steps pause
     grace_s: float = 30.0  # graceful drain on SIGTERM
     torch_threads: int | None = None
+    exact_encoding: bool = True  # float64 encoder: streamed tokens equal offline `encode` (see codecs/model.py)
 
 
 @dataclass
@@ -445,6 +446,7 @@ def load_models(options: ServerOptions, preloaded: dict | None = None) -> dict[s
         codec = (preloaded or {}).get(name)
         codec = copy.deepcopy(codec) if codec is not None else load_codec(name)
         codec.eval()
+        codec.set_exact_encoding(options.exact_encoding)
         offline = copy.deepcopy(codec)
         worker = Worker(codec, options.max_streams, batching=options.batching, max_outstanding=options.max_outstanding)
         worker.start()
