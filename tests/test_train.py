@@ -134,10 +134,13 @@ def test_export_loads_and_encodes_with_validation_metrics(tmp_path):
     assert export.codec_path == path and path.is_file()
     assert read_metadata(path)["gen_step"] == "2"
     codec = load_codec(str(path))
-    # The export is the EMA generator, not the live weights.
-    ema_first = module.ema.p0
-    assert torch.equal(next(codec.parameters()), ema_first)
-    assert not torch.equal(next(module.codec.parameters()).detach(), ema_first)
+    # The export is the EMA generator: averaged decoder, live encoder (which the live codebooks track).
+    names, exported, live = module.ema._names, dict(codec.named_parameters()), dict(module.codec.named_parameters())
+    dec, enc = "decoder.model.0.conv.bias", "encoder.model.0.conv.bias"
+    averaged_decoder = getattr(module.ema, f"p{names.index(dec)}")
+    assert torch.equal(exported[dec], averaged_decoder)
+    assert not torch.equal(live[dec].detach(), averaged_decoder)
+    assert torch.equal(exported[enc].float(), live[enc].detach())
     codes = codec.encode(torch.randn(1, 1, 8000) * 0.1)
     assert codes.shape == (1, 4, 25)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

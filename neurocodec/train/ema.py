@@ -15,10 +15,14 @@ from torch import nn
 
 
 class WeightEMA(nn.Module):
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    """`live_prefixes`: parameters whose names start with one of these are copied from the live model at
+    every update instead of averaged (see CodecTrainingModule: the encoder must match the live codebooks)."""
+
+    def __init__(self, model: nn.Module, decay: float, live_prefixes: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.decay = float(decay)
         self._names = [name for name, _ in model.named_parameters()]
+        self._live = [i for i, name in enumerate(self._names) if name.startswith(tuple(live_prefixes))]
         for i, (_, p) in enumerate(model.named_parameters()):
             self.register_buffer(f"p{i}", p.detach().clone().float())
 
@@ -33,6 +37,8 @@ class WeightEMA(nn.Module):
             torch._foreach_copy_(shadows, params)
         else:
             torch._foreach_lerp_(shadows, params, 1.0 - self.decay)
+            if self._live:
+                torch._foreach_copy_([shadows[i] for i in self._live], [params[i] for i in self._live])
 
     @torch.no_grad()
     def copy_to(self, target: nn.Module, source: nn.Module) -> nn.Module:
