@@ -251,8 +251,8 @@ class Quantizer(nn.Module):
     def encode(self, z: torch.Tensor, n_q: int | None = None) -> torch.Tensor:
         """Codes [B, K, T] for latents [B, D, T], with no codebook update and no dropout."""
         kind = self.config.kind
-        if kind in ("rvq", "grvq") and not self.config.use_cosine_sim:
-            codes = self._residual_encode(z, n_q)
+        if kind in ("rvq", "grvq", "vq") and not self.config.use_cosine_sim:
+            codes = self._nearest_code_encode(z, n_q)
         else:
             was_training = self.impl.training
             self.impl.eval()
@@ -262,8 +262,8 @@ class Quantizer(nn.Module):
                 self.impl.train(was_training)
         return codes if n_q is None else codes[:, :n_q]
 
-    def _residual_encode(self, z: torch.Tensor, n_q: int | None) -> torch.Tensor:
-        """Greedy residual nearest-neighbour search on the library's codebooks (inference only).
+    def _nearest_code_encode(self, z: torch.Tensor, n_q: int | None) -> torch.Tensor:
+        """Greedy (residual) nearest-neighbour search on the library's codebooks (inference only).
 
         Why not the library's forward: (1) it is a training path with milliseconds of Python overhead per
         call, which dominates frame-by-frame streaming; (2) codebooks trained with k-means init and
@@ -279,7 +279,8 @@ class Quantizer(nn.Module):
         for rvq, xg in zip(groups, x.chunk(len(groups), dim=-1)):
             residual = rvq.project_in(xg)
             indices = []
-            for layer in rvq.layers[:layers_needed]:
+            layers = rvq.layers if hasattr(rvq, "layers") else [rvq]  # a single VectorQuantize is one layer
+            for layer in layers[:layers_needed]:
                 codebook, norms, penalty = _search_terms(layer)
                 # argmin of |r - e|^2 = |r|^2 - 2 r.e + |e|^2; |r|^2 is the same for every entry
                 idx = (norms + penalty - 2 * residual @ codebook.t()).argmin(-1)
@@ -288,7 +289,7 @@ class Quantizer(nn.Module):
             per_group.append(torch.stack(indices, dim=-1))  # [B, T, q]
         if c.kind == "grvq":
             return self._grvq_codes(torch.stack(per_group))
-        return per_group[0].transpose(1, 2)
+        return per_group[0].transpose(1, 2)  # rvq [B, Q, T]; vq [B, 1, T]
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Latent [B, D, T] from codes [B, k, T]; k may be fewer than all codebooks (see code order)."""
