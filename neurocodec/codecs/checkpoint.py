@@ -163,3 +163,17 @@ def file_sha256(path: str | Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """Hash of the weights themselves (names, shapes, values): identifies config-only models too.
+
+    Floating tensors are hashed as float32, so the hash does not depend on the precision the codec runs
+    its inference in (exact encoding keeps the encoder in float64; its weights are float32 values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        if t.is_floating_point():
+            t = t.float()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

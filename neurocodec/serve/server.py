@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import torch
-import torchaudio.functional as AF
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from ..audio import resample
 from .batcher import END, Worker
 from .v1 import codec_pb2 as pb
 from .v1 import codec_pb2_grpc as pb_grpc
@@ -387,7 +387,7 @@ class CodecServicer(pb_grpc.CodecServicer):
         def run():
             wav = torch.from_numpy(samples).view(1, 1, -1)
             if cfg.sample_rate_hz != codec.sample_rate:
-                wav = AF.resample(wav, cfg.sample_rate_hz, codec.sample_rate)
+                wav = resample(wav, cfg.sample_rate_hz, codec.sample_rate)
             with model.offline_lock, torch.no_grad():
                 return codec.encode(wav)[0, :k].numpy()
 
@@ -417,7 +417,7 @@ class CodecServicer(pb_grpc.CodecServicer):
             with model.offline_lock, torch.no_grad():
                 wav = codec.decode(torch.from_numpy(codes).unsqueeze(0))
             if out_rate != codec.sample_rate:
-                wav = AF.resample(wav, codec.sample_rate, out_rate)
+                wav = resample(wav, codec.sample_rate, out_rate)
             return wav.reshape(-1).numpy()
 
         audio = await asyncio.to_thread(run)

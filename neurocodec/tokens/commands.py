@@ -64,7 +64,7 @@ def codec_for_dataset(info: dict, model: str | None = None, allow_other: bool = 
     import yaml
 
     from ..codecs.checkpoint import load_codec
-    from .format import weights_sha256
+    from ..codecs.checkpoint import weights_sha256
 
     desc = info["codec"]
     if model is not None:

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ..codecs.checkpoint import weights_sha256
 from ..data.manifest import Utterance, read_manifest
 from ..errors import UserError
 from . import format as fmt
@@ -59,7 +60,7 @@ def describe_codec(codec, spec: str) -> dict:
         out.update(checkpoint=None, checkpoint_sha256=None, config_only=True, seed=codec.config.seed,
                    note="no checkpoint file: weights initialised from the config's seed (and k-means warm start "
                         "of the codebooks on seeded noise), identical in every process; see weights_sha256")
-    out["weights_sha256"] = fmt.weights_sha256(codec)
+    out["weights_sha256"] = weights_sha256(codec)
     return out
 
 

@@ -24,14 +24,12 @@ pandas read without any custom decoding; `np.asarray(row["codes"])` gives the [K
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 from pathlib import Path
 
 import pyarrow as pa
-import torch
 
 from ..errors import UserError
 
@@ -105,19 +103,6 @@ def code_layout(codec) -> dict:
     }
 
 
-def weights_sha256(codec: torch.nn.Module) -> str:
-    """Hash of the weights themselves (names, shapes, values): identifies config-only models too.
-
-    Floating tensors are hashed as float32, so the hash does not depend on the precision the codec runs
-    its inference in (exact encoding keeps the encoder in float64; its weights are float32 values)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(codec.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        if t.is_floating_point():
-            t = t.float()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

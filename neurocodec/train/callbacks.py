@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from ..codecs.checkpoint import save_codec
+from ..codecs.checkpoint import save_codec, weights_sha256
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -40,11 +39,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def codebook_digest(codec: torch.nn.Module) -> str:
     """SHA-256 over the quantizer's state (codebooks and their EMA statistics)."""
-    h = hashlib.sha256()
-    for name, t in sorted(codec.quantizer.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
-    return h.hexdigest()
+    return weights_sha256(codec.quantizer)
 
 
 class CodecExport(L.Callback):

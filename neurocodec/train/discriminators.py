@@ -70,14 +70,18 @@ class PeriodDiscriminator(nn.Module):
         b, c, n = x.shape
         if n % self.period:
             x = F.pad(x, (0, self.period - n % self.period), mode="reflect")
-        x = x.view(b, c, -1, self.period)
-        fmaps = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
-            fmaps.append(x)
-        x = self.post(x)
+        return _conv_stack(self.convs, self.post, x.view(b, c, -1, self.period))
+
+
+def _conv_stack(convs: nn.ModuleList, post: nn.Module, x: torch.Tensor) -> Output:
+    """HiFi-GAN discriminator body: leaky-ReLU convs then a 1-channel head; every activation is a feature map."""
+    fmaps = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), 0.1)
         fmaps.append(x)
-        return x.flatten(1), fmaps
+    x = post(x)
+    fmaps.append(x)
+    return x.flatten(1), fmaps
 
 
 class ScaleDiscriminator(nn.Module):
@@ -98,13 +102,7 @@ class ScaleDiscriminator(nn.Module):
         self.post = _wn(nn.Conv1d(c_in, 1, 3, 1, padding=1))
 
     def forward(self, x: torch.Tensor) -> Output:
-        fmaps = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
-            fmaps.append(x)
-        x = self.post(x)
-        fmaps.append(x)
-        return x.flatten(1), fmaps
+        return _conv_stack(self.convs, self.post, x)
 
 
 class MultiScale(nn.Module):
