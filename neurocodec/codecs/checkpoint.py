@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError, load_config, split_model_spec
 from ..errors import UserError
-from .model import FAMILIES, CodecConfig
+from .families import FAMILIES
+from .model import CodecConfig
 
 FORMAT = "neurocodec.codec.v1"
 

@@ -53,10 +53,16 @@ class CodecOutput:
     latent: torch.Tensor  # [B, D, T] encoder output before quantization
     quantizer_loss: torch.Tensor  # scalar
     metrics: dict[str, torch.Tensor]
+    # Family-specific training losses (e.g. semantic distillation), each weighted by `loss.<name>` in the config.
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Codec(StreamingContainer):
     """SEANet encoder -> quantizer -> SEANet decoder, all causal."""
+
+    # Families trained against a frozen semantic teacher set this; training then passes the teacher's
+    # features at the codec frame rate to `forward(wav, teacher_features=...)`.
+    uses_teacher = False
 
     def __init__(self, config: CodecConfig, sync_codebook: bool = False) -> None:
         super().__init__()
@@ -129,7 +135,7 @@ class Codec(StreamingContainer):
         }
 
     # -- training -------------------------------------------------------------------------------
-    def forward(self, wav: torch.Tensor) -> CodecOutput:
+    def forward(self, wav: torch.Tensor, teacher_features: torch.Tensor | None = None) -> CodecOutput:
         """Training/validation pass on whole frames: wav [B, 1, N] with N a multiple of frame_size."""
         if wav.shape[-1] % self.frame_size:
             raise ValueError(f"training input length {wav.shape[-1]} is not a multiple of the frame size {self.frame_size}")
@@ -220,5 +226,3 @@ class Codec(StreamingContainer):
         self.check_codes(codes)
         return self._decode_latent(codes)
 
-
-FAMILIES: dict[str, type[nn.Module]] = {"seanet": Codec}
