@@ -11,11 +11,13 @@ from .errors import UserError
 # Modules with a `register(subparsers)` function, in the order their commands are listed in --help.
 COMMAND_MODULES = [
     "neurocodec.codecs.commands",
+    "neurocodec.codecs.semantic_commands",
     "neurocodec.serve.commands",
     "neurocodec.train.commands",
     "neurocodec.data.commands",
     "neurocodec.eval.commands",
     "neurocodec.tokens.commands",
+    "neurocodec.image.commands",
 ]
 
 

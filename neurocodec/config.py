@@ -111,6 +111,12 @@ def load_config(name: str | os.PathLike, preset: str | None = None, overrides: I
     return raw
 
 
+# `--model` names: `default` is the pretrained model shipped in the package (see codecs/checkpoint.py).
+DEFAULT_MODEL = "default"
+MODEL_HELP = ("`default` (the pretrained model shipped with the package), a checkpoint (.safetensors) "
+              "or config[:preset] such as grvq_4cb:tiny (default: default)")
+
+
 def split_model_spec(spec: str) -> tuple[str, str | None]:
     """`grvq_4cb:tiny` -> ('grvq_4cb', 'tiny'); a spec without ':' has no preset."""
     if ":" in spec and not Path(spec).exists():

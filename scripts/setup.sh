@@ -16,4 +16,6 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e '.[dev]'
+# Real photographs for the image codec (scikit-image's CC0 / public-domain samples, read from its wheel)
+.venv/bin/python -m neurocodec.cli image-data -o data/images >/dev/null || echo "warning: data/images not built (neurocodec image-data)"
 echo "neurocodec is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

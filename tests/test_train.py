@@ -6,6 +6,7 @@ presets shrunk further (short crops, batch 2, small discriminators) so the file 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -111,13 +112,18 @@ def _assert_same(a, b, where="") -> None:
 def test_resume_is_exact(tmp_path):
     # 4 steps straight vs 2 steps + resume + 2 steps: the same weights, EMA, optimiser and scheduler state.
     # The GAN starts at step 1, so the resumed half runs both optimisers from restored state.
-    common = ("optim.disc_start_step=1",)
+    common = ("optim.disc_start_step=1", "trainer.log_every=1")
     _, straight, _ = fit(config("grvq_4cb", "trainer.max_steps=4", *common), tmp_path / "straight")
-    fit(config("grvq_4cb", "trainer.max_steps=2", *common), tmp_path / "half")
+    fit(config("grvq_4cb", "trainer.max_steps=2", *common), tmp_path / "half", loggers=True)
     ckpt = tmp_path / "half" / "checkpoints" / "last.ckpt"
     assert _state(ckpt)["neurocodec"]["gen_step"] == 2
-    trainer, resumed, _ = fit(config("grvq_4cb", "trainer.max_steps=4", *common), tmp_path / "half", ckpt_path=str(ckpt))
+    trainer, resumed, _ = fit(config("grvq_4cb", "trainer.max_steps=4", *common), tmp_path / "half", ckpt_path=str(ckpt),
+                              loggers=True)
     assert int(resumed.gen_step) == 4
+    # The resumed session appends to the run's CSV log: the curves of the first session are kept.
+    with open(tmp_path / "half" / "csv" / "metrics.csv", newline="") as f:
+        logged = sorted({int(float(r["gen_step"])) for r in csv.DictReader(f) if r.get("gen_step")})
+    assert logged == [1, 2, 3, 4]
     a = _state(tmp_path / "straight" / "checkpoints" / "last.ckpt")
     b = _state(tmp_path / "half" / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 2 * 4 - 1

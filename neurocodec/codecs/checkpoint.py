@@ -1,6 +1,8 @@
 """Codec artefacts: one `.safetensors` file holding the weights and, in its metadata, the config.
 
 Everywhere a model is named (`--model M`), M is one of
+  * `default`: the pretrained model shipped inside the package (`neurocodec/weights/default.safetensors`,
+    trained by `scripts/train_default_model.sh`); every command uses it when no model is named;
   * a checkpoint path (`*.safetensors`, written by `save_codec` or exported by training);
   * a config name or path, optionally with a size preset: `grvq_4cb`, `configs/fsq.yaml`, `grvq_4cb:tiny`.
     The model is then initialised from the config's seed, so two processes naming the same config get
@@ -19,12 +21,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..config import ConfigError, load_config, split_model_spec
+from ..config import DEFAULT_MODEL, ConfigError, load_config, split_model_spec
 from ..errors import UserError
 from .families import FAMILIES
 from .model import CodecConfig
 
 FORMAT = "neurocodec.codec.v1"
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "weights" / "default.safetensors"
 
 
 def build_codec(model_config: dict | CodecConfig, sync_codebook: bool = False, name: str | None = None) -> torch.nn.Module:
@@ -56,14 +59,18 @@ def warm_start_codebooks(codec: torch.nn.Module) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(codec.config.seed + 1)
             frames = int(1.1 * max(codec.quantizer.cardinalities)) + 1
-            n = frames * codec.frame_size
-            # Noise with a random gain per second: more varied latents than white noise.
-            noise = torch.randn(1, 1, n, dtype=torch.float64)
-            gains = torch.rand(1, 1, n // codec.sample_rate + 1, dtype=torch.float64)
-            gains = gains.repeat_interleave(codec.sample_rate, dim=-1)[..., :n]
+            if hasattr(codec, "warm_start_input"):  # a family with its own kind of input (images)
+                x = codec.warm_start_input(frames)
+            else:
+                n = frames * codec.frame_size
+                # Noise with a random gain per second: more varied latents than white noise.
+                noise = torch.randn(1, 1, n, dtype=torch.float64)
+                gains = torch.rand(1, 1, n // codec.sample_rate + 1, dtype=torch.float64)
+                gains = gains.repeat_interleave(codec.sample_rate, dim=-1)[..., :n]
+                x = 0.1 * gains * noise
             codec.encoder.double()
             codec.quantizer.double()
-            codec.quantizer.initialize_codebooks(codec.encoder(0.1 * gains * noise), kmeans_iters=5)
+            codec.quantizer.initialize_codebooks(codec.encoder(x), kmeans_iters=5)
     finally:
         codec.encoder.float()
         codec.quantizer.float()
@@ -79,9 +86,12 @@ def fold_weight_norm(codec: torch.nn.Module) -> torch.nn.Module:
     """
     from torch.nn.utils import parametrize
 
-    for module in codec.modules():
-        if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    # Under no_grad (the CLI turns grad off before loading) torch registers the folded weight as a buffer
+    # instead of a parameter; keep it a parameter so parameter counts and `.parameters()` stay right.
+    with torch.enable_grad():
+        for module in codec.modules():
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     codec._weight_norm_folded = True
     return codec
 
@@ -140,9 +150,16 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> torch.nn.Module:
 
 
 def load_codec(spec: str | Path, device: str = "cpu") -> torch.nn.Module:
-    """Resolve `--model` (checkpoint path, or config name/path with optional `:preset`) to a codec ready
-    for inference: eval mode, weight norm folded."""
+    """Resolve `--model` (`default`, a checkpoint path, or a config name/path with optional `:preset`) to a
+    codec ready for inference: eval mode, weight norm folded."""
     spec = str(spec)
+    if spec == DEFAULT_MODEL:
+        if not DEFAULT_MODEL_PATH.is_file():
+            raise UserError(f"the default model is not installed ({DEFAULT_MODEL_PATH} is missing); "
+                            "name a checkpoint or a config with --model")
+        codec = load_checkpoint(DEFAULT_MODEL_PATH, device)
+        codec._name = DEFAULT_MODEL
+        return codec
     if spec.endswith(".safetensors") or (Path(spec).is_file() and Path(spec).suffix not in (".yaml", ".yml")):
         if not Path(spec).is_file():
             raise UserError(f"checkpoint {spec} does not exist")
@@ -176,5 +193,6 @@ def weights_sha256(module: torch.nn.Module) -> str:
         if t.is_floating_point():
             t = t.float()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1): a 0-d tensor (e.g. BatchNorm's num_batches_tracked) cannot be viewed as bytes
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()

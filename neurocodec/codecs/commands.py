@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import DEFAULT_MODEL, MODEL_HELP
 from ..errors import CodesError, UserError
 
 
@@ -16,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("encode", help="audio file -> codes [K, T] (.npy)")
     p.add_argument("input", help="audio file (any rate / channel count soundfile reads)")
     p.add_argument("-o", "--output", required=True, help="codes file (.npy, integer array [K, T])")
-    p.add_argument("--model", default="grvq_4cb", help="checkpoint or config[:preset] (default: grvq_4cb)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--num-codebooks", type=int, default=None, help="keep the first K codebooks (lower bitrate)")
     p.add_argument("--chunk-ms", type=float, default=None,
                    help="feed the audio through the streaming path in chunks of this many ms (fractions allowed)")
@@ -25,12 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("decode", help="codes (.npy) -> audio file")
     p.add_argument("input", help="codes file (.npy, integer array [K, T])")
     p.add_argument("-o", "--output", required=True, help="audio file (.wav, .flac, ...)")
-    p.add_argument("--model", default="grvq_4cb", help="checkpoint or config[:preset] (default: grvq_4cb)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--chunk-frames", type=int, default=None, help="decode through the streaming path, N frames at a time")
+    p.add_argument("--size", default=None, metavar="WxH", help="image models: crop the decoded image to this size")
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("info", help="describe a model: rates, codebooks, bitrate, latency, size")
-    p.add_argument("--model", default="grvq_4cb", help="checkpoint or config[:preset] (default: grvq_4cb)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
@@ -77,8 +79,11 @@ def decode_streaming(codec, codes: torch.Tensor, chunk_frames: int) -> torch.Ten
 
 def cmd_encode(args: argparse.Namespace) -> int:
     from ..audio import load_audio
+    from ..image.commands import encode_image, wants_image
 
     codec = _load(args.model, args.num_codebooks)
+    if wants_image(codec, args.input):  # image model + image file (a mismatch is an error)
+        return encode_image(args, codec)
     wav = load_audio(args.input, codec.sample_rate).unsqueeze(0)
     if args.chunk_ms is not None:
         codes = encode_streaming(codec, wav, args.chunk_ms * codec.sample_rate / 1000.0)
@@ -106,7 +111,12 @@ def load_codes(path: str | Path) -> np.ndarray:
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from ..audio import save_audio
+    from ..image import spec_is_image
 
+    if spec_is_image(args.model):  # token grids [K, h, w] -> image
+        from ..image.commands import decode_image
+
+        return decode_image(args, _load(args.model))
     codes_np = load_codes(args.input)
     codec = _load(args.model)
     codes = torch.from_numpy(codes_np.astype(np.int64)).unsqueeze(0)
@@ -126,6 +136,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = codec.info()
     if args.json:
         print(json.dumps(info, indent=2))
+        return 0
+    if info.get("modality") == "image":
+        from ..image.commands import print_info
+
+        print_info(info)
         return 0
     rows = [
         ("model", info["name"]),

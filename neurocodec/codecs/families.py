@@ -9,8 +9,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..image.model import ImageCodec
 from .model import Codec
+from .semanticodec import SemantiCodec
+from .xy_single import XYSingleCodec
 
 FAMILIES: dict[str, type[nn.Module]] = {
     "seanet": Codec,
+    "semanticodec": SemantiCodec,  # codecs/semanticodec.py: k-means semantic tokens + acoustic RVQ
+    "xy_single": XYSingleCodec,  # codecs/xy_single.py: semantic + acoustic branches, one codebook
+    "image": ImageCodec,  # neurocodec/image: 2-D token grids, same quantizer adapter
 }

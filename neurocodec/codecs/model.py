@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import from_dict
+from ..config import ConfigError, from_dict
 from ..errors import AudioError, CodesError
 from .quantizers import Quantizer, QuantizerConfig
 from .seanet import SEANetConfig, SEANetDecoder, SEANetEncoder
@@ -40,10 +40,21 @@ class CodecConfig:
     seed: int = 0  # a model built from config alone is initialised from this seed: same config, same weights
     seanet: SEANetConfig = field(default_factory=SEANetConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    semanticodec: dict = field(default_factory=dict)  # semanticodec family options, validated by codecs.semanticodec.SemantiCodecOptions
+    xy_single: dict = field(default_factory=dict)  # xy_single family options, validated by codecs.xy_single.XYSingleConfig
+    image: dict = field(default_factory=dict)  # image family options, validated by neurocodec.image.model.ImageNetConfig
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "model") -> "CodecConfig":
         return from_dict(cls, data, where)
+
+
+def check_branch_hop(branch: SEANetConfig, main: SEANetConfig, where: str) -> None:
+    """A second encoder branch (semantic families) must emit frames at the codec's hop, or the branches'
+    frames would not line up."""
+    if branch.hop_length != main.hop_length:
+        raise ConfigError(f"{where}.strides {branch.strides} (hop {branch.hop_length}) must give the same hop as "
+                          f"model.seanet.strides {main.strides} (hop {main.hop_length})")
 
 
 @dataclass

@@ -135,6 +135,10 @@ def _search_terms(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return codebook, cached[1], cached[2]
 
 
+def _input_to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].to(module.weight.dtype), *args[1:])
+
+
 class Quantizer(nn.Module):
     """The adapter. Build with `Quantizer(dim, QuantizerConfig(...), sync_codebook=...)`."""
 
@@ -164,6 +168,10 @@ class Quantizer(nn.Module):
             self.impl = VectorQuantize(dim=dim, codebook_size=c.codebook_size, codebook_dim=c.codebook_dim, **ema)
         elif c.kind == "lfq":
             self.impl = LFQ(dim=dim, codebook_size=c.codebook_size, entropy_loss_weight=c.entropy_loss_weight)
+        if c.kind in ("fsq", "lfq") and isinstance(getattr(self.impl, "project_out", None), nn.Linear):
+            # The library builds grid values in float32 when decoding indices; under exact (float64) encoding
+            # project_out's weights are float64, so its input is brought to their dtype.
+            self.impl.project_out.register_forward_pre_hook(_input_to_weight_dtype)
 
     # -- shape of the code space ------------------------------------------------------------------
     @property

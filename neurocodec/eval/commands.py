@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 
+from ..config import DEFAULT_MODEL, MODEL_HELP
 from ..errors import UserError
 
 DEFAULT_BASELINES = "opus:6,opus:8,opus:12,codec2:3200"
@@ -17,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Code and decode every clip with the model (each K) and the baselines, align each decoded "
                     "signal to the reference and score it; print a table of means with 95%% t-intervals. "
                     "Our kbps = sum of log2(cardinality) x frame rate.")
-    p.add_argument("--model", default="grvq_4cb", help="checkpoint or config[:preset] (default: grvq_4cb)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--data", required=True, help="manifest (.jsonl) or folder of audio files")
     p.add_argument("--split", default=None, help="only this split of the manifest (e.g. test)")
     p.add_argument("--num-codebooks", nargs="+", default=None, metavar="K",
@@ -73,6 +74,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .report import results_table, write_json, write_report
     from .runner import BITRATE_NOTE, evaluate, find_clips
 
+    from ..image import spec_is_image
+
+    if spec_is_image(args.model):  # image codecs: PSNR / SSIM / MS-SSIM / bpp vs JPEG and WebP
+        from ..image.evaluate import cmd_eval_image
+
+        return cmd_eval_image(args, _ks(args.num_codebooks), DEFAULT_BASELINES)
     if args.max_clips is not None and args.max_clips < 1:
         raise UserError("--max-clips must be at least 1")
     baselines = parse_baselines(args.baselines)

@@ -144,3 +144,37 @@ def plot_codebook_usage(payload: dict, counts: dict[str, list[list[float]]], pat
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def plot_training_curve(metrics_csv: str | Path, path: str | Path) -> Path | None:
+    """Validation PESQ-WB / STOI / codebook usage against generator steps, from a run's CSV log."""
+    import csv
+
+    # step -> value; a resumed run logs again the steps after its checkpoint, and its rows (later) win
+    series: dict[str, dict[float, float]] = {"valid/pesq": {}, "valid/stoi": {}, "valid/usage_mean": {}}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            # Validation rows carry no gen_step; their `step` is Lightning's batch count, which is the
+            # generator step (one batch = one G step, whatever the D steps).
+            step = row.get("gen_step") or row.get("step")
+            for key, points in series.items():
+                if row.get(key) and step:
+                    points[float(step)] = float(row[key])
+    if not any(series.values()):
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    titles = {"valid/pesq": "PESQ-WB (validation)", "valid/stoi": "STOI (validation)",
+              "valid/usage_mean": "codebook usage (validation, mean)"}
+    for ax, (key, points) in zip(axes, series.items()):
+        if points:
+            steps, values = zip(*sorted(points.items()))
+            ax.plot(steps, values, marker="o", color="tab:blue")
+        ax.set_title(titles[key])
+        ax.set_xlabel("generator steps")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

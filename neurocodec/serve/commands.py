@@ -10,14 +10,15 @@ import time
 
 import numpy as np
 
+from ..config import DEFAULT_MODEL
 from ..errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the streaming gRPC codec service")
     p.add_argument("--model", action="append", default=None,
-                   help="checkpoint or config[:preset]; repeat for several models (the first is the default; "
-                        "default: grvq_4cb)")
+                   help="`default` (the pretrained model shipped with the package), a checkpoint or config[:preset]; "
+                        "repeat for several models (the first is the server's default; default: default)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--max-streams", type=int, default=64, help="session slots per model and direction (default 64)")
@@ -90,7 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError("TLS needs both --tls-cert and --tls-key")
     if args.max_streams < 1:
         raise UserError("--max-streams must be at least 1")
-    options = ServerOptions(models=args.model or ["grvq_4cb"], host=args.host, port=args.port,
+    options = ServerOptions(models=args.model or [DEFAULT_MODEL], host=args.host, port=args.port,
                             max_streams=args.max_streams, batching=not args.no_batching, auth_token=args.auth_token,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=args.max_message_bytes,
                             idle_timeout_s=args.idle_timeout, max_session_s=args.max_session, grace_s=args.grace,

@@ -27,6 +27,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from ..audio import resample
+from ..errors import UserError
 from .batcher import END, Worker
 from .v1 import codec_pb2 as pb
 from .v1 import codec_pb2_grpc as pb_grpc
@@ -445,6 +446,8 @@ def load_models(options: ServerOptions, preloaded: dict | None = None) -> dict[s
     for name in options.models:
         codec = (preloaded or {}).get(name)
         codec = copy.deepcopy(codec) if codec is not None else load_codec(name)
+        if codec.info().get("modality", "audio") != "audio":
+            raise UserError(f"model {name!r} is an {codec.info()['modality']} codec; the service streams audio codecs only")
         codec.eval()
         codec.set_exact_encoding(options.exact_encoding)
         offline = copy.deepcopy(codec)
@@ -499,7 +502,11 @@ class Server:
         await self._server.start()
         event("listening", address=f"{o.host}:{self.port}", tls=bool(o.tls_cert), auth=bool(o.auth_token))
         if load:
-            await self.load()
+            try:
+                await self.load()
+            except BaseException:  # e.g. an unknown model: stop listening before the error reaches the user
+                await self._server.stop(0)
+                raise
         return self.port
 
     async def load(self) -> None:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config import DEFAULT_MODEL, MODEL_HELP
 from ..errors import UserError
 
 
@@ -14,8 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Encode every utterance of a manifest into Parquet token shards plus dataset.json and "
                                    "a dataset card. Rerunning the same command resumes: finished shards are kept. "
                                    "The same command runs on many GPUs/nodes (Lightning predict loop, one writer per rank).")
-    p.add_argument("--model", default="grvq_4cb", help="checkpoint or config[:preset] (default: grvq_4cb)")
-    p.add_argument("--manifest", required=True, help="JSONL manifest (id, path, text, speaker, ...)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--manifest", required=True, help="JSONL manifest (id, path, text, speaker, ...); for an image model, a folder of images")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--shard-size", type=int, default=1000, help="utterances per shard (default 1000)")
     p.add_argument("--batch-size", type=int, default=16, help="utterances per encoder batch (default 16)")
@@ -42,8 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ..image import spec_is_image
     from .export import ExportOptions, run_export
 
+    if spec_is_image(args.model):  # an image codec: --manifest is a folder of images (neurocodec/image/export.py)
+        from ..image.export import run_image_export
+
+        info = run_image_export(args.model, args.manifest, args.out, args.shard_size, args.num_codebooks, args.overwrite)
+        print(f"{args.out}: {info['rows']} images, {len(info['files'])} shards, {info['num_bad']} unreadable file(s) "
+              f"skipped; {info['num_codebooks']} codebooks, {info['bits_per_token']:.2f} bits per token")
+        return 0
     info = run_export(ExportOptions(model=args.model, manifest=args.manifest, out=args.out, shard_size=args.shard_size,
                                     batch_size=args.batch_size, num_codebooks=args.num_codebooks, workers=args.workers,
                                     accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,

@@ -74,6 +74,8 @@ def codebook_order(codec) -> list[dict]:
             entry.update(layer=k // q.groups, group=k % q.groups)
         elif q.kind in ("rvq", "rfsq"):
             entry.update(layer=k)
+        elif q.kind == "semantic+rvq":  # codecs/semanticodec.py: row 0 semantic, then acoustic RVQ layers
+            entry.update({"role": "semantic"} if k == 0 else {"role": "acoustic", "layer": k - 1})
         out.append(entry)
     return out
 
@@ -86,6 +88,8 @@ ORDER_TEXT = {
     "fsq": "one codebook (FSQ index)",
     "vq": "one codebook",
     "lfq": "one codebook (LFQ index)",
+    "semantic+rvq": "row 0: semantic token (k-means id predicted by the causal student); then acoustic RVQ "
+                    "layers 0, 1, ... (coarse to fine)",
 }
 
 

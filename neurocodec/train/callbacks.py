@@ -7,6 +7,8 @@
   exported to `<run>/codec.safetensors` (the format `neurocodec encode --model` loads). At the end it also
   saves `checkpoints/last.ckpt`, checks that every process holds the same codebooks, and writes
   `<run>/summary.json`.
+* `ResumableCSVLogger`: Lightning's CSV logger deletes `metrics.csv` when its folder already exists, so a
+  resumed run (the default model trains across days) would lose the curves of every earlier session.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.loggers import CSVLogger
 
 from ..codecs.checkpoint import save_codec, weights_sha256
 
@@ -84,3 +87,22 @@ class CodecExport(L.Callback):
             tmp = self.run_dir / "summary.json.tmp"
             tmp.write_text(json.dumps(self.summary, indent=2))
             tmp.replace(self.run_dir / "summary.json")
+
+
+class ResumableCSVLogger(CSVLogger):
+    """A CSV logger that appends to the run's `metrics.csv` instead of starting it anew.
+
+    Steps logged after the last checkpoint of an interrupted session are logged again by the resumed one;
+    readers keep the last row of a step (`neurocodec.eval.plots.plot_training_curve` does)."""
+
+    @property
+    def experiment(self):
+        if self._experiment is None:
+            previous = Path(self.log_dir) / "metrics.csv"
+            saved = previous.read_bytes() if previous.is_file() else None
+            writer = super().experiment  # creates the writer, which removes the old file
+            if saved is not None and writer is not None:
+                previous.write_bytes(saved)
+                header = saved.split(b"\n", 1)[0].decode().strip()
+                writer.metrics_keys = sorted(k for k in header.split(",") if k)
+        return self._experiment

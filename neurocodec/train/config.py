@@ -1,7 +1,7 @@
 """The training config: typed sections read from a YAML config (`configs/*.yaml`) plus overrides.
 
 Sections: `model` (the codec, `neurocodec.codecs.model.CodecConfig`), `data`, `loss`, `optim`, `disc`,
-`trainer`. Every key is checked against these dataclasses, so a typo is an error that names the known
+`trainer`, and `teacher` (the frozen semantic teacher of semantic families, `codecs.teacher.TeacherConfig`). Every key is checked against these dataclasses, so a typo is an error that names the known
 keys, and `train/fit.py --help` is generated from them (one source for options, defaults and help).
 """
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from ..codecs.model import CodecConfig
+from ..codecs.teacher import TeacherConfig
 from ..config import ConfigError, from_dict, load_config
 from .discriminators import DiscConfig
 from .losses import LossConfig
@@ -80,6 +81,42 @@ class TrainerConfig:
             raise ValueError("max_steps, val_every and log_every must be >= 1")
 
 
+def loss_weight_names() -> list[str]:
+    """The loss weights of `LossConfig` (its float fields), which a training stage may override."""
+    return [name for name, hint in typing.get_type_hints(LossConfig).items() if hint is float]
+
+
+@dataclass
+class StageConfig:
+    """One stage of multi-stage training (`stages:` in a config), switched by generator step.
+
+    A stage runs from the previous stage's `until_step` up to (not including) its own; the last stage may
+    leave `until_step` out (to the end of training), and steps past every `until_step` stay in the last.
+    Because the stage is a function of the generator step (saved in checkpoints), a resumed run lands in
+    the right stage."""
+
+    until_step: int | None = None
+    loss: dict = field(default_factory=dict)  # loss weights that differ from the `loss:` section, e.g. {adversarial: 0}
+    # Train the discriminator (and compute the GAN losses) in this stage. None: when this stage's
+    # adversarial or feature weight is > 0 (after optim.disc_start_step).
+    discriminator: bool | None = None
+
+    def __post_init__(self) -> None:
+        known = loss_weight_names()
+        unknown = sorted(set(self.loss) - set(known))
+        if unknown:
+            raise ValueError(f"unknown loss weight(s) {', '.join(unknown)} in a stage; known: {', '.join(known)}")
+        for key, value in self.loss.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"stage loss weight {key} must be a number >= 0, got {value!r}")
+        self.loss = {k: float(v) for k, v in self.loss.items()}
+        if self.until_step is not None and (isinstance(self.until_step, bool) or not isinstance(self.until_step, int)
+                                            or self.until_step < 1):
+            raise ValueError(f"stage until_step must be a positive integer, got {self.until_step!r}")
+        if self.discriminator is not None and not isinstance(self.discriminator, bool):
+            raise ValueError(f"stage discriminator must be true, false or null, got {self.discriminator!r}")
+
+
 @dataclass
 class TrainConfig:
     name: str = "codec"
@@ -90,6 +127,66 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     disc: DiscConfig = field(default_factory=DiscConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Frozen semantic teacher (codecs/teacher.py); used only by families with `uses_teacher` (semanticodec, xy_single).
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # multi-stage training; empty: one stage = `loss:`
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stages, list):
+            raise ConfigError(f"stages must be a list of stages, got {self.stages!r}")
+        stages = []
+        for i, stage in enumerate(self.stages):
+            if isinstance(stage, dict):
+                stage = from_dict(StageConfig, stage, f"stages[{i}]")
+            elif not isinstance(stage, StageConfig):
+                raise ConfigError(f"stages[{i}] must be a mapping, got {stage!r}")
+            stages.append(stage)
+        ends = [s.until_step for s in stages]
+        if None in ends[:-1]:
+            raise ConfigError("only the last stage may leave out until_step")
+        bounded = [e for e in ends if e is not None]
+        if any(b <= a for a, b in zip(bounded, bounded[1:])):
+            raise ConfigError(f"stage until_step values must increase, got {bounded}")
+        self.stages = stages
+
+
+# -- multi-stage training: what applies at a given generator step -----------------------------------------
+def stage_index(config: TrainConfig, step: int) -> int:
+    """The stage (0-based) that generator step `step` belongs to; 0 when the config has no stages."""
+    for i, stage in enumerate(config.stages):
+        if stage.until_step is None or step < stage.until_step:
+            return i
+    return max(0, len(config.stages) - 1)
+
+
+def loss_weights_at(config: TrainConfig, step: int) -> dict[str, float]:
+    """Every loss weight at generator step `step`: the `loss:` section with the stage's overrides."""
+    weights = {name: getattr(config.loss, name) for name in loss_weight_names()}
+    if config.stages:
+        weights.update(config.stages[stage_index(config, step)].loss)
+    return weights
+
+
+def discriminator_on_at(config: TrainConfig, step: int) -> bool:
+    """Whether the discriminator trains (and the GAN losses are computed) at generator step `step`."""
+    if not config.disc.kinds or step < config.optim.disc_start_step:
+        return False
+    if not config.stages:
+        return True
+    stage = config.stages[stage_index(config, step)]
+    if stage.discriminator is not None:
+        return stage.discriminator
+    weights = loss_weights_at(config, step)
+    return weights["adversarial"] > 0 or weights["feature"] > 0
+
+
+def discriminator_steps(config: TrainConfig, max_steps: int) -> int:
+    """How many of generator steps 0..max_steps-1 also take a discriminator step (Lightning counts both)."""
+    bounds = sorted({0, max_steps, config.optim.disc_start_step,
+                     *(s.until_step for s in config.stages if s.until_step is not None)})
+    bounds = [b for b in bounds if 0 <= b <= max_steps]
+    # Within each interval between stage/warm-up boundaries the answer is constant: test its first step.
+    return sum(b - a for a, b in zip(bounds, bounds[1:]) if discriminator_on_at(config, a))
 
 
 def _check_types(cls: type, data: dict, where: str) -> dict:

@@ -78,7 +78,7 @@ def parse_args(argv: list[str]) -> FitArgs:
         i += 1
         if key in ("config", "preset", "ckpt_path"):
             setattr(args, key, value)
-        elif "." in key:
+        elif "." in key or key == "stages":  # --stages takes a whole YAML list (multi-stage training)
             args.overrides.append(f"{key}={value}")
         else:
             raise ConfigError(f"unknown option --{key}; options are --config, --preset, --ckpt_path, --print_config "
@@ -173,12 +173,16 @@ def make_strategy(t: TrainerConfig, world: int):
     return s
 
 
-def build_trainer(config: TrainConfig, run_dir: Path, world: int, extra_callbacks=(), loggers: bool = True):
+def build_trainer(config: TrainConfig, run_dir: Path, world: int, extra_callbacks=(), loggers: bool = True,
+                  lightning_steps: int | None = None):
+    """The Lightning trainer of every codec run (audio and image): checkpoints named by generator step, EMA
+    codec export, a progress bar over generator steps, atomic checkpoint writes, TensorBoard + CSV logs.
+    `lightning_steps`: Lightning's max_steps (it counts G and D optimizer steps); default: the audio rule."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.loggers import TensorBoardLogger
 
-    from .callbacks import AtomicCheckpointIO, CodecExport
+    from .callbacks import AtomicCheckpointIO, CodecExport, ResumableCSVLogger
     from .module import lightning_max_steps
     from .progress import GeneratorStepBar
 
@@ -191,11 +195,12 @@ def build_trainer(config: TrainConfig, run_dir: Path, world: int, extra_callback
     if t.enable_progress_bar:
         callbacks.append(GeneratorStepBar(t.max_steps))
     logger = [TensorBoardLogger(save_dir=str(run_dir), name="", version="tb"),
-              CSVLogger(save_dir=str(run_dir), name="", version="csv")] if loggers else False
+              ResumableCSVLogger(save_dir=str(run_dir), name="", version="csv")] if loggers else False
+    if lightning_steps is None:
+        lightning_steps = lightning_max_steps(t.max_steps, config.optim.disc_start_step, bool(config.disc.kinds), config)
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=make_strategy(t, world),
-        precision=t.precision,
-        max_steps=lightning_max_steps(t.max_steps, config.optim.disc_start_step, bool(config.disc.kinds)),
+        precision=t.precision, max_steps=lightning_steps,
         max_time=t.max_time, max_epochs=-1, val_check_interval=t.val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         log_every_n_steps=t.log_every, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
         enable_progress_bar=t.enable_progress_bar, deterministic=t.deterministic, default_root_dir=str(run_dir),
@@ -223,6 +228,12 @@ def run_training(config: TrainConfig, run_dir: Path, ckpt_path: str | None = Non
     if datamodule is None:
         datamodule = CodecDataModule(config.data, codec.sample_rate, codec.frame_size, seed=config.trainer.seed)
     trainer, export = build_trainer(config, run_dir, world, extra_callbacks, loggers)
+    fit_in_run_dir(trainer, module, datamodule, config, run_dir, ckpt_path)
+    return trainer, module, export
+
+
+def fit_in_run_dir(trainer, module, datamodule, config, run_dir: Path, ckpt_path: str | None) -> None:
+    """Save the resolved config beside the run (rank 0, atomically), then fit (audio and image runs)."""
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = dataclasses.asdict(config)
@@ -230,17 +241,22 @@ def run_training(config: TrainConfig, run_dir: Path, ckpt_path: str | None = Non
         tmp = run_dir / "config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
         tmp.replace(run_dir / "config.yaml")
-    os.environ[RUN_DIR_ENV] = str(run_dir)
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # DDP processes started by rank 0 use the same folder
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
-    return trainer, module, export
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    from ..image.train import is_image_config
+
+    if is_image_config(args):  # image families have their own data, losses and module (neurocodec/image/train.py)
+        from ..image.train import main as image_main
+
+        return image_main(args)
     if args.help:
         print_help(args)
         return 0

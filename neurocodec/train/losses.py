@@ -23,6 +23,8 @@ class LossConfig:
     feature: float = 2.0  # feature matching (L1 between discriminator feature maps of real and fake)
     adversarial: float = 1.0  # generator adversarial loss
     quantizer: float = 1.0  # CodecOutput.quantizer_loss (commitment etc.)
+    semantic: float = 1.0  # semanticodec: cross-entropy of the student's semantic-token prediction (CodecOutput.aux_losses)
+    distill: float = 1.0  # xy_single: 1 - cosine(projected semantic branch, teacher features) (CodecOutput.aux_losses)
     adversarial_kind: str = "hinge"  # hinge | lsgan
     mel_windows: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512, 1024, 2048])
     mel_bins: list[int] = field(default_factory=lambda: [5, 10, 20, 40, 80, 160, 320])

@@ -22,15 +22,18 @@ from torch import nn
 
 from ..codecs.quantizers import CodebookUsage
 from ..eval.metrics import pesq_score, stoi_score
-from .config import TrainConfig
+from .config import TrainConfig, discriminator_on_at, discriminator_steps, loss_weights_at, stage_index
 from .discriminators import Discriminators
 from .ema import WeightEMA
 from .losses import (MultiResolutionMelLoss, MultiScaleSTFTLoss, discriminator_loss, feature_matching_loss,
                      generator_adversarial_loss)
 
 
-def lightning_max_steps(max_steps: int, disc_start_step: int, has_disc: bool) -> int:
-    """Lightning counts each optimizer.step(): G steps plus D steps (D steps start at disc_start_step)."""
+def lightning_max_steps(max_steps: int, disc_start_step: int, has_disc: bool, config: TrainConfig | None = None) -> int:
+    """Lightning counts each optimizer.step(): G steps plus D steps (D steps start at disc_start_step; with
+    `config`, only in the training stages whose discriminator is on)."""
+    if config is not None:
+        return max_steps + discriminator_steps(config, max_steps)
     return max_steps + (max(0, max_steps - disc_start_step) if has_disc else 0)
 
 
@@ -50,6 +53,16 @@ class CodecTrainingModule(L.LightningModule):
         self.ema = (WeightEMA(codec, config.optim.ema_decay, live_prefixes=("encoder.", "quantizer."))
                     if config.optim.ema_decay > 0 else None)
         self.register_buffer("gen_step", torch.zeros((), dtype=torch.long))
+        # Frozen semantic teacher (codecs/teacher.py) for families that train against one. Kept out of the
+        # module's registered children (set through __dict__): it is not in Lightning checkpoints, not
+        # wrapped by DDP, not in the EMA, not exported; `teacher_features` moves it to the batch's device.
+        self.__dict__["teacher"] = None
+        if getattr(codec, "uses_teacher", False):
+            from ..codecs.teacher import build_teacher
+
+            self.__dict__["teacher"] = build_teacher(config.teacher)
+            if hasattr(codec, "prepare_for_training"):  # e.g. semanticodec loads its k-means centroids
+                codec.prepare_for_training(self.teacher, config=config)
         self._pending_rng: dict | None = None
         self._val: dict = {}
 
@@ -85,13 +98,33 @@ class CodecTrainingModule(L.LightningModule):
             losses["feature"] = feature_matching_loss([o[1] for o in out_real], [o[1] for o in out_fake])
         return losses
 
+    def current_loss_weights(self, step: int | None = None) -> dict[str, float]:
+        """Loss weights of the training stage at generator step `step` (default: the current step)."""
+        return loss_weights_at(self.config, int(self.gen_step) if step is None else step)
+
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         total = None
+        weights = self.current_loss_weights()
         for name, value in losses.items():
-            weight = getattr(self.config.loss, name)
+            weight = weights[name] if name in weights else getattr(self.config.loss, name)
             if weight:  # 0: computed and logged, but no gradient
                 total = weight * value if total is None else total + weight * value
         return total if total is not None else losses["mel"] * 0.0
+
+    def teacher_features(self, wav: torch.Tensor) -> torch.Tensor | None:
+        """The teacher's features [B, D, T] of the real batch at the codec frame rate (None without a teacher)."""
+        if self.teacher is None:
+            return None
+        self.teacher.to(wav.device)
+        with torch.no_grad():
+            return self.teacher.features(wav.float(), self.codec.frame_rate, sample_rate=self.codec.sample_rate,
+                                         num_frames=wav.shape[-1] // self.codec.frame_size)
+
+    def run_codec(self, codec: nn.Module, wav: torch.Tensor):
+        """The codec's training forward, with the teacher's features for families that use a teacher."""
+        if self.teacher is None:
+            return codec(wav)
+        return codec(wav, teacher_features=self.teacher_features(wav))
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         if self._pending_rng is not None:  # restore after the data pipeline has started (it draws seeds)
@@ -105,9 +138,9 @@ class CodecTrainingModule(L.LightningModule):
         schedulers = self._as_list(self.lr_schedulers())
         opt_g = optimizers[0]
         real = batch
-        out = self.codec(real)
+        out = self.run_codec(self.codec, real)
         fake = out.audio
-        use_gan = self.disc is not None and step >= o.disc_start_step
+        use_gan = self.disc is not None and discriminator_on_at(self.config, step)  # warm-up and stages
         logs: dict[str, torch.Tensor] = {}
 
         if use_gan:
@@ -124,6 +157,7 @@ class CodecTrainingModule(L.LightningModule):
             logs["train/disc"] = loss_d.detach()
 
         losses = self.generator_losses(real, fake, out.quantizer_loss, use_gan)
+        losses.update(out.aux_losses)  # family-specific (semantic CE, distillation), weighted by loss.<name>
         total = self.weighted_total(losses)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(total)
@@ -142,6 +176,9 @@ class CodecTrainingModule(L.LightningModule):
         logs.update({f"train/{k}": v.float() for k, v in out.metrics.items()})
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=real.shape[0])
         self.log("gen_step", self.gen_step.float(), on_step=True, prog_bar=True, batch_size=real.shape[0])
+        if self.config.stages:
+            self.log("train/stage", float(stage_index(self.config, step) + 1), on_step=True, prog_bar=True,
+                     batch_size=real.shape[0])
         self.log("mel", losses["mel"].detach(), on_step=True, prog_bar=True, logger=False, batch_size=real.shape[0])
 
     def clip_gradients_norm(self, optimizer, max_norm: float) -> torch.Tensor:
@@ -167,9 +204,11 @@ class CodecTrainingModule(L.LightningModule):
         v, c = self._val, self.config.trainer
         codec = v["codec"]
         with torch.no_grad():
-            out = codec(batch)
+            out = self.run_codec(codec, batch)
         fake = out.audio.float()
         b = batch.shape[0]
+        for name, value in out.aux_losses.items():
+            self.log(f"valid/{name}", value.float(), sync_dist=True, batch_size=b)
         self.log("valid/mel", self.mel_loss(fake, batch), sync_dist=True, batch_size=b)
         self.log("valid/waveform", torch.nn.functional.l1_loss(fake, batch.float()), sync_dist=True, batch_size=b)
         v["usage"].update(out.codes)
@@ -198,7 +237,8 @@ class CodecTrainingModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         v = self._val
-        counts = torch.stack(v["usage"].counts)  # [K, C] histograms of this process
+        sizes = [len(c) for c in v["usage"].counts]  # cardinalities may differ per codebook (semanticodec)
+        counts = torch.cat(v["usage"].counts)  # the K histograms of this process, end to end
         scores = torch.tensor([sum(v["pesq"]), len(v["pesq"]), sum(v["stoi"]), len(v["stoi"])], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             device = self.device if self.device.type != "cpu" else torch.device("cpu")
@@ -207,7 +247,7 @@ class CodecTrainingModule(L.LightningModule):
             dist.all_reduce(scores)
             counts, scores = counts.cpu(), scores.cpu()
         usage = CodebookUsage(v["usage"].cardinalities)
-        usage.counts = list(counts)
+        usage.counts = list(counts.split(sizes))
         metrics = {f"valid/{k}": float(x) for k, x in usage.compute().items()}
         n = len(usage.counts)
         metrics["valid/usage_mean"] = sum(metrics[f"valid/codebook{k}/usage"] for k in range(n)) / n

@@ -1,0 +1,60 @@
+"""Ship the default model: evaluate a training run's EMA codec on the held-out speaker, then install it as
+`neurocodec/weights/default.safetensors` (what `--model default` loads).
+
+    .venv/bin/python scripts/ship_default_model.py                      # runs/default-model, data/debian
+    .venv/bin/python scripts/ship_default_model.py --run runs/X --corpus /path/to/debian --max-clips 100
+
+Writes docs/default_model/ (report.md with the table against Opus and Codec2, rate-quality plot,
+spectrograms, codebook usage, and training_curve.png: validation PESQ/STOI/usage over the run's steps).
+The recipe that produces the run is scripts/train_default_model.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from neurocodec.cli import main as neurocodec  # noqa: E402
+from neurocodec.codecs.checkpoint import DEFAULT_MODEL_PATH, load_codec, read_metadata  # noqa: E402
+from neurocodec.eval.plots import plot_training_curve  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="runs/default-model", help="training run folder (default runs/default-model)")
+    p.add_argument("--corpus", default="data/debian", help="corpus built by `neurocodec data debian`")
+    p.add_argument("--max-clips", type=int, default=100, help="held-out clips to score (default 100)")
+    p.add_argument("--docs", default="docs/default_model", help="where the report goes")
+    p.add_argument("--no-install", action="store_true", help="evaluate only; leave the shipped weights alone")
+    args = p.parse_args()
+
+    run, docs = Path(args.run), Path(args.docs)
+    codec_path = run / "codec.safetensors"
+    if not codec_path.is_file():
+        print(f"{codec_path} does not exist: train first (scripts/train_default_model.sh)", file=sys.stderr)
+        return 2
+    meta = read_metadata(codec_path)
+    print(f"{codec_path}: generator step {meta.get('gen_step')}, EMA={meta.get('ema')}")
+    load_codec(str(codec_path))  # fails here, not halfway through, if the file is unusable
+    curve = plot_training_curve(run / "csv" / "metrics.csv", docs / "training_curve.png")
+    if curve:
+        print(f"training curve -> {curve}")
+    rc = neurocodec(["eval", "--model", str(codec_path), "--data", f"{args.corpus}/manifest.jsonl", "--split", "test",
+                     "--max-clips", str(args.max_clips), "--baselines", "opus:6,opus:8,opus:12,codec2:3200,codec2:1600",
+                     "--report", str(docs), "--title", f"Default model (grvq_4cb, step {meta.get('gen_step')})"])
+    if rc != 0:
+        return rc
+    if not args.no_install:
+        DEFAULT_MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(codec_path, DEFAULT_MODEL_PATH)
+        print(f"installed {codec_path} -> {DEFAULT_MODEL_PATH} ({DEFAULT_MODEL_PATH.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Recipe of the shipped default model (neurocodec/weights/default.safetensors, `--model default`).
+#
+#   bash scripts/train_default_model.sh            # build the corpus if needed, then train or resume
+#   bash scripts/train_default_model.sh --trainer.max_time 00:02:00:00   # extra fit.py options pass through
+#
+# Model: grvq_4cb at the `tiny` network size (8 channels, 64-d latent, 0.45 M parameters, 2 kbps): the
+# size that comes closest to the single-stream speed target (docs/BENCHMARKS.md) and that trains at
+# ~1 step/s on a CPU. Data: the full Debian real-speech corpus (`neurocodec data debian`; the French voice,
+# June Wallack, is held out as split `test`). Training resumes from runs/default-model/checkpoints/last.ckpt
+# whenever it exists, so the run can be continued across days; when it stops, ship the result with
+# scripts/ship_default_model.py. On a machine shared with other work, run it as
+# `OMP_NUM_THREADS=1 nice -n 19 bash scripts/train_default_model.sh`: torch's worker threads wait on each other
+# when the cores are oversubscribed (seen here: 0.12 steps/s with 2 threads against 0.98 with 1, same load).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+CORPUS=${CORPUS:-data/debian}
+RUN=runs/default-model
+
+if [ ! -f "$CORPUS/manifest.jsonl" ]; then
+    "$PY" -m neurocodec.cli data debian -o "$CORPUS"
+fi
+resume=()
+if [ -f "$RUN/checkpoints/last.ckpt" ]; then
+    resume=(--ckpt_path "$RUN/checkpoints/last.ckpt")
+    echo "resuming from $RUN/checkpoints/last.ckpt"
+fi
+exec "$PY" train/fit.py --config grvq_4cb.yaml --preset tiny \
+    --data.manifest "$CORPUS/manifest.jsonl" \
+    --data.valid_items 48 \
+    --trainer.run_name default-model \
+    --trainer.max_steps 200000 \
+    --trainer.val_every 500 \
+    --trainer.log_every 50 \
+    --trainer.keep_checkpoints 3 \
+    "${resume[@]}" "$@"

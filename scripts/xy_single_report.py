@@ -1,0 +1,77 @@
+"""Codebook usage and distillation cosine of a trained xy_single codec on a (held-out) manifest.
+
+    python scripts/xy_single_report.py --model runs/NAME/codec.safetensors --manifest M.jsonl [--split test]
+        [--config runs/NAME/config.yaml] [--max-clips N] [--json out.json]
+
+* usage: fraction of the single codebook's entries used at least once over every frame of the set, with the
+  perplexity (exp of the code entropy) — measure on a set with many more frames than entries;
+* distillation cosine: mean over frames of cos(projection of the semantic branch, teacher features), the
+  training objective, with the teacher of the run's config (`--config`, default: the `config.yaml` of the
+  run folder that exported the checkpoint). The projection is part of the checkpoint (training only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from neurocodec.audio import load_audio
+from neurocodec.codecs.checkpoint import load_codec, read_metadata
+from neurocodec.codecs.quantizers import CodebookUsage
+from neurocodec.codecs.teacher import build_teacher
+from neurocodec.config import load_config, split_model_spec
+from neurocodec.data.manifest import read_manifest
+from neurocodec.train.config import parse_train_config
+
+
+@torch.no_grad()
+def report(model: str, manifest: str, split: str | None, config: str | None, max_clips: int | None) -> dict:
+    codec = load_codec(model)
+    if config is None:
+        config = str(Path(read_metadata(model)["run_dir"]) / "config.yaml")
+    raw = load_config(*split_model_spec(config))
+    raw.pop("resumed_from", None)  # written into a run's config.yaml by train/fit.py
+    teacher = build_teacher(parse_train_config(raw).teacher)
+    utts = read_manifest(manifest, split=split)[:max_clips]
+    usage = CodebookUsage(codec.quantizer.cardinalities)
+    cos_sum, frames, seconds = 0.0, 0, 0.0
+    for utt in tqdm(utts, desc="clips", unit="clip"):
+        wav = codec.pad_to_frames(load_audio(utt.path, codec.sample_rate).unsqueeze(0))
+        latent, semantic = codec.encoder.branches(wav.to(codec.encoder_dtype))
+        usage.update(codec.quantizer.encode(latent, 1))
+        feats = teacher.features(wav, codec.frame_rate, sample_rate=codec.sample_rate, num_frames=latent.shape[-1])
+        cosine = codec.distill_cosine(semantic, feats)
+        cos_sum += float(cosine.sum())
+        frames += cosine.numel()
+        seconds += wav.shape[-1] / codec.sample_rate
+    metrics = usage.compute()
+    return {"model": model, "manifest": manifest, "split": split, "clips": len(utts), "seconds": round(seconds, 1),
+            "frames": frames, "entries": codec.cardinality[0],
+            "usage": float(metrics["codebook0/usage"]), "perplexity": float(metrics["codebook0/perplexity"]),
+            "distill_cosine": cos_sum / max(frames, 1), "teacher": teacher.kind, "teacher_dim": teacher.dim}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="xy_single checkpoint (.safetensors)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--split", default=None)
+    p.add_argument("--config", default=None, help="training config (path or name[:preset]) with the teacher (default: the run's config.yaml)")
+    p.add_argument("--max-clips", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the result here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    result = report(args.model, args.manifest, args.split, args.config, args.max_clips)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""xy_single (one codebook, semantic + acoustic branches) and multi-stage training.
+
+Training runs the real path (`train/fit.py`'s `run_training`, Lightning, the tiny random HuBERT teacher
+from `configs/xy_single.yaml:tiny`) on fixed real-speech crops of the demo corpus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from neurocodec.audio import load_audio
+from neurocodec.cli import main as cli
+from neurocodec.codecs.checkpoint import build_codec, load_codec, prepare_for_inference, warm_start_codebooks
+from neurocodec.codecs.commands import decode_streaming, encode_streaming
+from neurocodec.config import ConfigError, load_config
+from neurocodec.data.manifest import Utterance, read_manifest, write_manifest
+from neurocodec.train.config import StageConfig, discriminator_on_at, parse_train_config
+from neurocodec.train.fit import FitArgs, resolve_config, run_training
+from neurocodec.train.module import lightning_max_steps
+from test_train import DEMO, FAST, FixedBatchData
+
+MODEL = "xy_single:tiny"
+SR = 16000
+
+
+def xy_config(*overrides: str):
+    return resolve_config(FitArgs(config="xy_single", preset="tiny",
+                                  overrides=[*FAST, f"data.manifest={DEMO}", "data.segment_seconds=0.64",
+                                             "data.valid_segment_seconds=0.64", *overrides]))
+
+
+class Recorder(L.Callback):
+    """Per generator step: losses, the logged stage, and whether the discriminator's weights moved."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self._disc: torch.Tensor | None = None
+
+    def _disc_vector(self, module) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in module.disc.parameters()]).clone()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._disc = self._disc_vector(module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        m = trainer.callback_metrics
+        self.rows.append({"gen_step": int(module.gen_step), "stage": int(m["train/stage"]),
+                          "mel": float(m["train/mel"]), "distill": float(m["train/distill"]),
+                          "disc_trained": not torch.equal(self._disc, self._disc_vector(module))})
+
+
+def fit(cfg, run_dir, ckpt_path=None, callbacks=()):
+    data = FixedBatchData(cfg.data, cfg.model.sample_rate, cfg.model.seanet.hop_length, seed=0)
+    return run_training(cfg, run_dir, ckpt_path=ckpt_path, datamodule=data, extra_callbacks=callbacks, loggers=False)
+
+
+@pytest.fixture(scope="module")
+def clip() -> torch.Tensor:
+    """0.9 s of real speech (not a whole number of 40 ms frames)."""
+    utt = read_manifest(DEMO, split="test")[0]
+    return load_audio(utt.path, SR)[:, 4000: 4000 + 14417].unsqueeze(0)
+
+
+# -- training -------------------------------------------------------------------------------------------------
+def test_trains_and_lowers_mel_and_distillation(tmp_path):
+    steps = 8
+    cfg = xy_config(f"trainer.max_steps={steps}", "optim.lr=3e-3")
+    assert cfg.teacher.tiny is not None and cfg.model.family == "xy_single"
+    recorder = Recorder()
+    trainer, module, export = fit(cfg, tmp_path / "run", callbacks=[recorder])
+    rows = recorder.rows
+    assert [r["gen_step"] for r in rows] == list(range(1, steps + 1))
+    assert all(r["stage"] == 1 and not r["disc_trained"] for r in rows)  # stage 1 (until 100): no discriminator
+    assert trainer.global_step == steps  # no D steps counted in stage 1
+    mel, distill = [r["mel"] for r in rows], [r["distill"] for r in rows]
+    assert np.mean(mel[-2:]) < 0.9 * mel[0], mel
+    assert np.mean(distill[-2:]) < 0.8 * distill[0], distill
+    # The exported codec needs no teacher and encodes with one codebook of 8192 entries.
+    codec = load_codec(str(export.codec_path))
+    assert codec.info()["cardinality"] == [8192] and codec.bitrate == 325.0
+    codes = codec.encode(torch.randn(1, 1, 6400) * 0.1)
+    assert codes.shape == (1, 1, 10)
+
+
+def test_stage_switch_at_the_configured_step_and_after_resume(tmp_path):
+    stages = "stages=[{until_step: 3, loss: {adversarial: 0, feature: 0, distill: 10}}, {loss: {distill: 1}}]"
+    first = Recorder()
+    cfg = xy_config("trainer.max_steps=5", "trainer.val_every=3", "trainer.keep_checkpoints=5", stages)
+    trainer, module, _ = fit(cfg, tmp_path / "run", callbacks=[first])
+    assert [(r["stage"], r["disc_trained"]) for r in first.rows] == [(1, False)] * 3 + [(2, True)] * 2
+    assert trainer.global_step == 5 + 2  # Lightning counts the 2 discriminator steps of stage 2
+    assert module.current_loss_weights(0)["distill"] == 10.0 and module.current_loss_weights(3)["distill"] == 1.0
+
+    # Resume from the checkpoint written after step 3: the first resumed step is already in stage 2.
+    ckpt = tmp_path / "run" / "checkpoints" / "step0000003.ckpt"
+    assert ckpt.is_file(), sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    resumed = Recorder()
+    trainer2, module2, _ = fit(cfg, tmp_path / "run", ckpt_path=str(ckpt), callbacks=[resumed])
+    assert [(r["gen_step"], r["stage"], r["disc_trained"]) for r in resumed.rows] == [(4, 2, True), (5, 2, True)]
+    assert int(module2.gen_step) == 5 and trainer2.global_step == 7
+
+
+def test_stage_config_is_validated_and_counts_discriminator_steps():
+    raw = load_config("xy_single", "tiny")
+    raw["stages"] = [{"until_step": 10, "loss": {"adversarial": 0, "feature": 0}}, {"until_step": 20, "discriminator": False},
+                     {"loss": {"distill": 2}}]
+    raw["optim"]["disc_start_step"] = 5
+    cfg = parse_train_config(raw)
+    assert isinstance(cfg.stages[0], StageConfig)
+    on = [discriminator_on_at(cfg, s) for s in range(40)]
+    assert on == [False] * 20 + [True] * 20
+    for max_steps in (1, 10, 15, 20, 33):
+        expected = max_steps + sum(on[:max_steps])
+        assert lightning_max_steps(max_steps, 5, True, cfg) == expected
+    # the saved (resolved) config reads back the same
+    assert parse_train_config(dataclasses.asdict(cfg)).stages == cfg.stages
+
+    bad = [({"loss": {"mell": 1.0}}, "unknown loss weight"), ({"loss": {"mel": -1}}, ">= 0"),
+           ({"until_step": 0}, "positive"), ({"colour": 1}, "unknown option")]
+    for stage, message in bad:
+        raw["stages"] = [stage]
+        with pytest.raises(ConfigError, match=message):
+            parse_train_config(raw)
+    raw["stages"] = [{"until_step": 10}, {"until_step": 5}, {}]
+    with pytest.raises(ConfigError, match="increase"):
+        parse_train_config(raw)
+    raw["stages"] = [{}, {"until_step": 5}]
+    with pytest.raises(ConfigError, match="only the last stage"):
+        parse_train_config(raw)
+
+
+def test_model_config_errors_are_one_line():
+    model = load_config("xy_single", "tiny")["model"]
+    model["xy_single"]["semantic"]["strides"] = [4, 5, 8]  # hop 160, not 640
+    with pytest.raises(ConfigError, match="same hop"):
+        build_codec(model)
+    model = load_config("xy_single", "tiny")["model"]
+    model["xy_single"]["semantic_dim"] = 3
+    with pytest.raises(ConfigError, match="unknown option"):
+        build_codec(model)
+    model = load_config("xy_single", "tiny")["model"]
+    model["quantizer"] = {"kind": "rvq", "num_quantizers": 2}
+    with pytest.raises(ConfigError, match="ONE codebook"):
+        build_codec(model)
+    # a teacher of another width than the projection
+    assert cli(["info", "--model", MODEL]) == 0
+    cfg = xy_config("model.xy_single.teacher_dim=48")
+    with pytest.raises(ConfigError, match="teacher_dim"):
+        fit(cfg, Path("/nonexistent-run-dir"))
+
+
+# -- streaming == offline ------------------------------------------------------------------------------------
+def _check_streaming(codec, wav: torch.Tensor, chunks, frame_chunks) -> None:
+    codes = codec.encode(wav)
+    assert codes.shape == (wav.shape[0], 1, codec.num_frames(wav.shape[-1]))
+    assert len(codes.unique()) > codes.shape[-1] // 3  # varied codes: the comparison means something
+    for chunk in chunks:
+        streamed = torch.cat([encode_streaming(codec, wav[i: i + 1], chunk) for i in range(wav.shape[0])])
+        assert torch.equal(streamed, codes), f"chunks of {chunk} samples"
+    audio = codec.decode(codes)
+    for n in frame_chunks:
+        streamed = decode_streaming(codec, codes, n)
+        assert (streamed - audio).abs().max() < 1e-5, f"{n} frames per step"
+
+
+def test_streaming_equals_offline_25hz(clip):
+    codec = load_codec(MODEL)
+    assert codec.frame_size == 640 and codec.frame_rate == 25.0
+    wav = torch.cat([clip, 0.5 * clip.flip(-1)])
+    _check_streaming(codec, wav, chunks=(37, 640, 1001, 4480), frame_chunks=(1, 4))
+
+
+def test_streaming_equals_offline_12hz_with_exec_mask(clip):
+    raw = load_config("xy_single", "tiny", ["model.seanet.strides=[2,4,5,8,4]", "model.quantizer.levels=[8,8,8,8,4]",
+                                            "model.xy_single.semantic.strides=[4,5,8,8]"])
+    codec = build_codec(raw["model"], name="xy_single:tiny-12hz")
+    warm_start_codebooks(codec)
+    prepare_for_inference(codec)
+    assert codec.frame_size == 1280 and codec.cardinality == [16384] and codec.bitrate == 175.0
+    _check_streaming(codec, clip, chunks=(333, 1280, 2000), frame_chunks=(1, 3))
+    # Two sessions in one batch; session 1 pauses for a step (exec mask) and still gets its own codes.
+    wav = torch.cat([clip, 0.7 * clip])[..., : 4 * 1280]
+    expected = codec.encode(wav)
+    f = codec.frame_size
+    with codec.encoder.streaming(2):
+        got0 = [codec.encode_step(wav[:, :, :f])[:, :, :]]
+        codec.encoder.set_exec_mask(torch.tensor([True, False]))
+        step = codec.encode_step(wav[:, :, f: 2 * f])
+        first_session = [got0[0][0], step[0]]
+        codec.encoder.set_exec_mask(torch.tensor([True, True]))
+        rest = codec.encode_step(torch.cat([wav[:1, :, 2 * f: 4 * f], wav[1:, :, f: 3 * f]]))
+    assert torch.equal(torch.cat([*first_session, rest[0]], dim=-1), expected[0])
+    assert torch.equal(torch.cat([got0[0][1], rest[1]], dim=-1), expected[1, :, :3])
+
+
+# -- served and exported like every codec ----------------------------------------------------------------------
+def test_serves_through_grpc(clip):
+    from neurocodec.serve.client import CodecClient
+    from neurocodec.serve.server import ServerOptions, ServerThread
+
+    torch.set_grad_enabled(False)
+    try:
+        codec = load_codec(MODEL)
+        audio = clip[0, 0].numpy()
+        expected = codec.encode(clip)[0].numpy()
+        srv = ServerThread(ServerOptions(models=[MODEL], port=0, max_streams=4, grace_s=1.0), preloaded={MODEL: codec})
+        srv.start()
+        try:
+            with CodecClient(f"127.0.0.1:{srv.port}") as client:
+                info = client.model_info(MODEL)
+                assert (info.family, info.frame_size, list(info.cardinalities)) == ("xy_single", 640, [8192])
+                for ms in (25, 100):
+                    n = SR * ms // 1000
+                    frames = list(client.stream_encode([audio[i: i + n] for i in range(0, len(audio), n)],
+                                                       sample_rate=SR, fmt="float32", model=MODEL))
+                    assert [f.index for f in frames] == list(range(expected.shape[-1]))
+                    assert np.array_equal(np.stack([f.tokens for f in frames], axis=1), expected), f"{ms} ms chunks"
+                decoded = np.concatenate(list(client.stream_decode([expected[:, :5], expected[:, 5:]],
+                                                                   frames_per_message=2, num_codebooks=1, model=MODEL)))
+                reference = codec.decode(torch.from_numpy(expected).unsqueeze(0))[0, 0].numpy()
+                np.testing.assert_allclose(decoded, reference, atol=1e-4, rtol=0)
+        finally:
+            srv.stop()
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def test_exports_token_dataset(tmp_path):
+    utts = read_manifest(DEMO, split="test")[:4]
+    manifest = write_manifest(tmp_path / "m.jsonl", [Utterance(id=u.id, path=u.path, text=u.text, speaker=u.speaker)
+                                                    for u in utts])
+    out = tmp_path / "tokens"
+    assert cli(["export", "--model", MODEL, "--manifest", str(manifest), "--out", str(out), "--workers", "1"]) == 0
+    card = json.loads((out / "dataset.json").read_text())
+    rows = [r for name in card["files"] for r in pq.read_table(out / name).to_pylist()]
+    assert len(rows) == 4
+    codec = load_codec(MODEL)
+    for row in rows:
+        utt = next(u for u in utts if u.id == row["id"])
+        expected = codec.encode(load_audio(utt.path, SR).unsqueeze(0))[0].numpy()
+        assert np.array_equal(np.asarray(row["codes"]), expected)
+    assert "fsq" in json.dumps(card)
