@@ -13,15 +13,13 @@ to offline codes; see neurocodec/codecs/model.py) against a float32 encoder.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import arg_parser, figure, write_result  # noqa: E402
+from common import arg_parser, figure, timed, write_result  # noqa: E402
 
 from neurocodec.audio import load_audio, resample  # noqa: E402
 from neurocodec.codecs.checkpoint import load_codec  # noqa: E402
@@ -40,15 +38,6 @@ def demo_audio(seconds: float) -> torch.Tensor:
         if total >= seconds * 16000:
             break
     return torch.cat(pieces, dim=-1)[..., : int(seconds * 16000)].unsqueeze(0)
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()

@@ -10,16 +10,14 @@ if present, else a synthetic photo-like 512x384 image.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import arg_parser, figure, write_result  # noqa: E402
+from common import arg_parser, figure, timed, write_result  # noqa: E402
 
 from neurocodec.codecs.checkpoint import load_codec  # noqa: E402
 from neurocodec.image.evaluate import codec_file  # noqa: E402
@@ -36,15 +34,6 @@ def images() -> list[np.ndarray]:
     coarse = torch.from_numpy(rng.random((1, 3, 6, 8))).float()
     img = torch.nn.functional.interpolate(coarse, size=(384, 512), mode="bicubic", align_corners=False)[0]
     return [(img.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()]
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from codec_speed import demo_audio, streaming_round_trip, timed  # noqa: E402
-from common import arg_parser, figure, write_result  # noqa: E402
+from codec_speed import demo_audio, streaming_round_trip  # noqa: E402
+from common import arg_parser, figure, timed, write_result  # noqa: E402
 
 from neurocodec.codecs.checkpoint import build_codec, prepare_for_inference  # noqa: E402
 from neurocodec.config import load_config  # noqa: E402

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from ..config import ConfigError, from_dict, load_config
 from ..errors import UserError
 from ..train.config import OptimConfig, TrainerConfig, _check_types, option_help
 from ..train.ema import WeightEMA
+from ..train.module import gan_optimizers
 from ..train.losses import discriminator_loss, feature_matching_loss, generator_adversarial_loss
 from . import IMAGE_FAMILIES
 from .data import ImageDataConfig, ImageDataModule
@@ -74,13 +73,7 @@ class ImageTrainingModule(L.LightningModule):
         self._val: dict = {}
 
     def configure_optimizers(self):
-        o = self.config.optim
-        opt_g = torch.optim.AdamW(self.codec.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        optimizers = [opt_g]
-        if self.disc is not None:
-            optimizers.append(torch.optim.AdamW(self.disc.parameters(), lr=o.disc_lr, betas=tuple(o.betas),
-                                                weight_decay=o.weight_decay))
-        return optimizers, [torch.optim.lr_scheduler.ExponentialLR(opt, gamma=o.lr_gamma) for opt in optimizers]
+        return gan_optimizers(self.codec, self.disc, self.config.optim)
 
     @staticmethod
     def _as_list(x) -> list:
@@ -261,7 +254,7 @@ def run_image_training(config: ImageTrainConfig, run_dir: Path, ckpt_path: str |
 
 def main(args) -> int:
     """`train/fit.py` for image configs (`args`: `neurocodec.train.fit.FitArgs`)."""
-    from ..train.fit import choose_run_dir
+    from ..train.fit import choose_run_dir, quiet_lightning
 
     if args.help:
         from .model import ImageNetConfig
@@ -279,9 +272,7 @@ def main(args) -> int:
         print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), end="")
         return 0
     run_dir = choose_run_dir(config, args.ckpt_path)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    quiet_lightning()
     trainer, module, export = run_image_training(config, run_dir, args.ckpt_path)
     if trainer.is_global_zero:
         m = export.summary.get("metrics", {})

@@ -232,6 +232,14 @@ def run_training(config: TrainConfig, run_dir: Path, ckpt_path: str | None = Non
     return trainer, module, export
 
 
+def quiet_lightning() -> None:
+    """Hide Lightning's notices that say nothing to our users (few data workers on a small machine, a run
+    folder that already holds checkpoints when resuming); real warnings still show."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+
+
 def fit_in_run_dir(trainer, module, datamodule, config, run_dir: Path, ckpt_path: str | None) -> None:
     """Save the resolved config beside the run (rank 0, atomically), then fit (audio and image runs)."""
     if trainer.is_global_zero:
@@ -265,9 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), end="")
         return 0
     run_dir = choose_run_dir(config, args.ckpt_path)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    quiet_lightning()
     trainer, module, export = run_training(config, run_dir, args.ckpt_path)
     if trainer.is_global_zero:
         s = export.summary

@@ -37,6 +37,16 @@ def lightning_max_steps(max_steps: int, disc_start_step: int, has_disc: bool, co
     return max_steps + (max(0, max_steps - disc_start_step) if has_disc else 0)
 
 
+def gan_optimizers(generator: nn.Module, disc: nn.Module | None, o) -> tuple[list, list]:
+    """AdamW for the generator (and the discriminator when there is one), each with its own ExponentialLR
+    (each schedule counts its own optimizer's steps). Audio and image training share it."""
+    optimizers = [torch.optim.AdamW(generator.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)]
+    if disc is not None:
+        optimizers.append(torch.optim.AdamW(disc.parameters(), lr=o.disc_lr, betas=tuple(o.betas),
+                                            weight_decay=o.weight_decay))
+    return optimizers, [torch.optim.lr_scheduler.ExponentialLR(opt, gamma=o.lr_gamma) for opt in optimizers]
+
+
 class CodecTrainingModule(L.LightningModule):
     def __init__(self, config: TrainConfig, codec: nn.Module) -> None:
         super().__init__()
@@ -68,14 +78,7 @@ class CodecTrainingModule(L.LightningModule):
 
     # -- optimisers ---------------------------------------------------------------------------------
     def configure_optimizers(self):
-        o = self.config.optim
-        opt_g = torch.optim.AdamW(self.codec.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        optimizers = [opt_g]
-        if self.disc is not None:
-            optimizers.append(torch.optim.AdamW(self.disc.parameters(), lr=o.disc_lr, betas=tuple(o.betas),
-                                                weight_decay=o.weight_decay))
-        schedulers = [torch.optim.lr_scheduler.ExponentialLR(opt, gamma=o.lr_gamma) for opt in optimizers]
-        return optimizers, schedulers
+        return gan_optimizers(self.codec, self.disc, self.config.optim)
 
     def _as_list(self, x) -> list:
         return list(x) if isinstance(x, (list, tuple)) else [x]
