@@ -71,7 +71,7 @@ def clip() -> torch.Tensor:
 
 # -- training -------------------------------------------------------------------------------------------------
 def test_trains_and_lowers_mel_and_distillation(tmp_path):
-    steps = 8
+    steps = 10
     cfg = xy_config(f"trainer.max_steps={steps}", "optim.lr=3e-3")
     assert cfg.teacher.tiny is not None and cfg.model.family == "xy_single"
     recorder = Recorder()
@@ -179,7 +179,9 @@ def test_streaming_equals_offline_25hz(clip):
 
 
 def test_streaming_equals_offline_12hz_with_exec_mask(clip):
-    raw = load_config("xy_single", "tiny", ["model.seanet.strides=[2,4,5,8,4]", "model.quantizer.levels=[8,8,8,8,4]",
+    # The `12hz` geometry with the FSQ alternative of the config's LFQ (also one codebook of 16384 entries).
+    raw = load_config("xy_single", "tiny", ["model.seanet.strides=[2,4,5,8,4]", "model.quantizer.kind=fsq",
+                                            "model.quantizer.levels=[8,8,8,8,4]", "model.quantizer.decorrelation_weight=0",
                                             "model.xy_single.semantic.strides=[4,5,8,8]"])
     codec = build_codec(raw["model"], name="xy_single:tiny-12hz")
     warm_start_codebooks(codec)
@@ -247,4 +249,4 @@ def test_exports_token_dataset(tmp_path):
         utt = next(u for u in utts if u.id == row["id"])
         expected = codec.encode(load_audio(utt.path, SR).unsqueeze(0))[0].numpy()
         assert np.array_equal(np.asarray(row["codes"]), expected)
-    assert "fsq" in json.dumps(card)
+    assert "lfq" in json.dumps(card)

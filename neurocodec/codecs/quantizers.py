@@ -48,13 +48,18 @@ class QuantizerConfig:
     threshold_ema_dead_code: float = 2.0  # expire codes whose EMA count falls below this
     commitment_weight: float = 1.0
     quantize_dropout: bool = False  # train with a random number of residual layers (variable bitrate)
-    entropy_loss_weight: float = 0.1  # lfq
+    entropy_loss_weight: float = 0.1  # lfq: the library's per-sample / batch entropy term
+    decorrelation_weight: float = 0.0  # fsq / lfq: independence of the grid axes over a batch (decorrelation_loss)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"quantizer kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.kind == "grvq" and self.groups < 1:
             raise ValueError("grvq needs groups >= 1")
+        if self.decorrelation_weight < 0:
+            raise ValueError(f"decorrelation_weight must be >= 0, got {self.decorrelation_weight}")
+        if self.decorrelation_weight > 0 and self.kind not in ("fsq", "lfq"):
+            raise ValueError(f"decorrelation_weight applies to fsq and lfq only, not {self.kind}")
         if self.kind == "lfq" and (self.codebook_size & (self.codebook_size - 1)):
             raise ValueError(f"lfq codebook_size must be a power of two, got {self.codebook_size}")
 
@@ -93,6 +98,33 @@ def usage_from_histogram(counts: torch.Tensor) -> dict[str, torch.Tensor]:
     else:
         perplexity = torch.tensor(0.0, dtype=torch.float64)
     return {"usage": used, "dead": 1.0 - used, "perplexity": perplexity}
+
+
+def decorrelation_loss(values: torch.Tensor) -> torch.Tensor:
+    """How far the d grid axes of an FSQ/LFQ code (`values` [N, d], N frames of a batch) are from centred and
+    independent: on soft signs tanh(x / std) of the axes, each axis's squared correlations with the others
+    (summed, then averaged over axes) plus the mean squared offset. 0 when centred and uncorrelated.
+
+    Why (measured on xy_single, 8192 LFQ entries, 256 frames a batch): the library's batch-entropy term
+    sees at most 256 distinct codes per batch, so batches looked diverse (~215 distinct codes) while the
+    whole held-out speaker used only ~13% of the entries. An FSQ/LFQ code is a product of d axes; its
+    entropy is the sum of the axes' entropies when they are independent. Centring and decorrelating d axes
+    is well estimated from a few hundred frames (a d x d matrix), so this pushes towards the full product
+    space however small the batch (the covariance term of VICReg, Bardes et al. 2022, on the code axes).
+    """
+    x = values.reshape(-1, values.shape[-1]).float()
+    std = (x - x.mean(dim=0)).pow(2).mean(dim=0).add(1e-6).sqrt()
+    # A soft sign of each axis (scale-free): what LFQ keeps of it is its sign.
+    soft = torch.tanh(x / std)
+    centred = soft - soft.mean(dim=0)
+    standardised = centred / centred.pow(2).mean(dim=0).add(1e-6).sqrt()
+    corr = standardised.t() @ standardised / x.shape[0]
+    d = corr.shape[0]
+    # Summed over the other axes, not averaged over all pairs: one duplicated pair among 78 must still cost
+    # about 2/d (a CPU hour with the pair average ended with two of 13 bits equal on 99.9% of frames).
+    off_diagonal = (corr - torch.diag_embed(torch.diagonal(corr))).pow(2).sum() / d
+    offset = soft.mean(dim=0).pow(2).mean()
+    return off_diagonal + offset
 
 
 class CodebookUsage:
@@ -227,6 +259,11 @@ class Quantizer(nn.Module):
             codes = idx.unsqueeze(1)
         codes = codes.long()
         metrics = codebook_metrics(codes.detach(), self.cardinalities)
+        if self.config.decorrelation_weight > 0 and self.training:
+            # The grid axes the library rounds (its project_in is a Linear or the identity).
+            decorrelation = decorrelation_loss(self.impl.project_in(x))
+            loss = loss + self.config.decorrelation_weight * decorrelation
+            metrics["decorrelation"] = decorrelation.detach()
         return QuantizedResult(z_q=z_q.transpose(1, 2), codes=codes, loss=loss, metrics=metrics)
 
     @torch.no_grad()

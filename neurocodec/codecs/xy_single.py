@@ -12,13 +12,16 @@ Two causal encoders read the same audio at the same hop (640 samples = 25 Hz, or
 Their outputs are concatenated and fused by a 1x1 conv into one latent, quantised into ONE codebook, and a
 causal SEANet decoder turns the codes back into audio. One token per frame: 13 bits x 25 Hz = 325 bit/s.
 
-Why FSQ for the single codebook (levels [8, 8, 8, 4, 4] = 8192 entries; [8, 8, 8, 8, 4] = 16384 at
-12.5 Hz): an 8192-entry learnt codebook (EMA VQ) sees only a few hundred latents per CPU batch, so most
-entries go many steps without a vote, and dead-code expiry keeps re-seeding them from a single batch —
-usage then depends on expiry settings and batch size. FSQ has no learnt codebook: every entry is a point of
-a fixed grid that the (bounded) latent covers, so it cannot collapse, needs no k-means, no commitment loss
-and no codebook sync under DDP (as in the FSQ paper and its single-codebook codecs). The adapter still
-allows `quantizer.kind: vq` (EMA VQ with k-means init and dead-code expiry) or `lfq` from config.
+Why LFQ with two usage terms for the single codebook (8192 entries = 13 sign bits; 16384 = 14 bits at
+12.5 Hz): a learnt 8192-entry codebook (EMA VQ) sees a few hundred latents per CPU batch, so most entries go
+many steps without a vote and usage hinges on dead-code expiry. A fixed grid (FSQ, LFQ) cannot drift away
+from the encoder, but nothing makes the encoder fill it: with FSQ [8, 8, 8, 4, 4] a CPU hour ended at 2% of
+the entries on the held-out speaker, the fused latent varying along few directions. LFQ's code is a product
+of 13 bits, so its entropy is the sum of the bits' entropies when the bits are independent. Two terms push
+there: the library's entropy term (confident bits, distinct codes within a batch) and
+`quantizers.decorrelation_loss` (each bit centred, bits uncorrelated over the batch), which is well
+estimated from a few hundred frames however large the codebook (`quantizer.decorrelation_weight`).
+`quantizer.kind: fsq` or `vq` (EMA VQ with k-means init and dead-code expiry) can still be chosen.
 
 Streaming: `encoder` is one `StreamingContainer` holding both branches and the fusion, so
 `encoder.streaming(B)`, `reset_streaming`, `set_exec_mask` and `set_exact_encoding` (float64 encoder and
@@ -70,12 +73,14 @@ class XYEncoder(StreamingContainer):
         self.acoustic = SEANetEncoder(acoustic)
         self.fuse = StreamingConv1d(semantic.dimension + acoustic.dimension, acoustic.dimension, 1, norm=acoustic.norm)
         nn.init.zeros_(self.fuse.conv.bias)  # as SEANetEncoder: no input-independent offset in the latent
-        # BatchNorm of the fused latent. FSQ rounds a bounded projection of the latent on a FIXED grid. A fresh
+        # BatchNorm of the fused latent. FSQ/LFQ round a projection of the latent on a FIXED grid. A fresh
         # encoder's speech-dependent spread is ~1e-2, and the first optimiser steps move its conv biases by
         # ~1e-3 each, so within 5 steps an input-independent offset dominated the latent and every frame fell
         # into 3-7 of the 8192 cells (with a per-frame LayerNorm too, and with LFQ). Batch statistics remove
         # that per-channel offset and keep unit spread while training. At inference it is a fixed per-channel
         # affine map (running statistics): nothing is normalised over time, so streaming == offline holds.
+        # Still needed with LFQ's decorrelation term, which also penalises offsets: without the BatchNorm a
+        # probe run collapsed to one code at step ~110.
         self.norm = nn.BatchNorm1d(acoustic.dimension)
 
     def branches(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("-o", "--output", required=True, help="folder for audio/, music/ and the .jsonl manifests")
     d.add_argument("--languages", default="en,es,fr,it,ru", help="voices to include (default: all five)")
     d.add_argument("--test-language", default="fr",
-                   help="voice held out as split 'test' (default: fr, June Wallack -- a speaker no other voice has)")
+                   help="voice held out as split 'test' (default: fr, June Wallack -- a speaker no other voice has); "
+                        "'none': no test voice (a training-only corpus, as the GPU kit builds)")
     d.add_argument("--no-install", action="store_true", help="never call apt-get; use the files already there")
     d.add_argument("--no-music", action="store_true", help="skip the music-on-hold set (music.jsonl)")
     d.add_argument("--sounds-dir", default="/usr/share/asterisk/sounds", help="where the voice folders are")
@@ -63,7 +64,8 @@ def cmd_debian(args: argparse.Namespace) -> int:
     from . import debian
 
     languages = [x.strip() for x in args.languages.split(",") if x.strip()]
-    summary = debian.build_corpus(args.output, languages=languages, test_language=args.test_language,
+    test_language = None if args.test_language.lower() == "none" else args.test_language
+    summary = debian.build_corpus(args.output, languages=languages, test_language=test_language,
                                   sounds_dir=args.sounds_dir, moh_dir=args.moh_dir, install=not args.no_install,
                                   music=not args.no_music)
     out = Path(args.output)
