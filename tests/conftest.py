@@ -6,6 +6,14 @@ import torch
 torch.set_num_threads(1)  # the suite runs on 2 cores; one thread per test process keeps timings sane
 
 
+@pytest.fixture(autouse=True)
+def grad_mode_on():
+    """The CLI commands turn autograd off for their process (`torch.set_grad_enabled(False)`); tests call them
+    in-process, so each test starts with autograd on again, as a fresh process would."""
+    torch.set_grad_enabled(True)
+    yield
+
+
 def synthetic_speechlike(seconds: float, sample_rate: int = 16000, seed: int = 0) -> np.ndarray:
     """A deterministic voiced-like test signal: a gliding harmonic tone with noise bursts and pauses."""
     rng = np.random.default_rng(seed)
