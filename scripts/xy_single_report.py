@@ -1,7 +1,7 @@
 """Codebook usage and distillation cosine of a trained xy_single codec on a (held-out) manifest.
 
     python scripts/xy_single_report.py --model runs/NAME/codec.safetensors --manifest M.jsonl [--split test]
-        [--config runs/NAME/config.yaml] [--max-clips N] [--json out.json]
+        [--config runs/NAME/config.yaml] [--max-clips N] [--json out.json] [--plot usage.png]
 
 * usage: fraction of the single codebook's entries used at least once over every frame of the set, with the
   perplexity (exp of the code entropy) — measure on a set with many more frames than entries;
@@ -26,6 +26,7 @@ from neurocodec.codecs.quantizers import CodebookUsage
 from neurocodec.codecs.teacher import build_teacher
 from neurocodec.config import load_config, split_model_spec
 from neurocodec.data.manifest import read_manifest
+from neurocodec.eval.plots import plot_codebook_usage
 from neurocodec.train.config import parse_train_config
 
 
@@ -50,7 +51,9 @@ def report(model: str, manifest: str, split: str | None, config: str | None, max
         frames += cosine.numel()
         seconds += wav.shape[-1] / codec.sample_rate
     metrics = usage.compute()
-    return {"model": model, "manifest": manifest, "split": split, "clips": len(utts), "seconds": round(seconds, 1),
+    counts = usage.counts[0]
+    p = counts[counts > 0] / counts.sum()
+    return {"histogram": counts.tolist(), "entropy_bits": float(-(p * p.log2()).sum()),"model": model, "manifest": manifest, "split": split, "clips": len(utts), "seconds": round(seconds, 1),
             "frames": frames, "entries": codec.cardinality[0],
             "usage": float(metrics["codebook0/usage"]), "perplexity": float(metrics["codebook0/perplexity"]),
             "distill_cosine": cos_sum / max(frames, 1), "teacher": teacher.kind, "teacher_dim": teacher.dim}
@@ -64,10 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="training config (path or name[:preset]) with the teacher (default: the run's config.yaml)")
     p.add_argument("--max-clips", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--plot", default=None, help="also draw the codebook usage (share used, sorted frequencies) here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     result = report(args.model, args.manifest, args.split, args.config, args.max_clips)
+    histogram = result.pop("histogram")
     print(json.dumps(result, indent=2))
+    if args.plot:
+        key = f"K=1, {result['split'] or 'all'} split"
+        payload = {"model": {"trained": True}, "codebooks": {key: [
+            {"codebook": 0, "usage": result["usage"], "entropy_bits": result["entropy_bits"]}]}}
+        plot_codebook_usage(payload, {key: [histogram]}, args.plot)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
