@@ -8,6 +8,9 @@
 * distillation cosine: mean over frames of cos(projection of the semantic branch, teacher features), the
   training objective, with the teacher of the run's config (`--config`, default: the `config.yaml` of the
   run folder that exported the checkpoint). The projection is part of the checkpoint (training only).
+* LFQ codes only: the share of frames with each bit set, and the usage that independent bits with those
+  same shares would reach on as many frames. The gap between that and uniform codes is the bits' imbalance;
+  the gap between that and the measured usage is the dependence between bits.
 """
 
 from __future__ import annotations
@@ -40,11 +43,14 @@ def report(model: str, manifest: str, split: str | None, config: str | None, max
     teacher = build_teacher(parse_train_config(raw).teacher)
     utts = read_manifest(manifest, split=split)[:max_clips]
     usage = CodebookUsage(codec.quantizer.cardinalities)
+    all_codes = []
     cos_sum, frames, seconds = 0.0, 0, 0.0
     for utt in tqdm(utts, desc="clips", unit="clip"):
         wav = codec.pad_to_frames(load_audio(utt.path, codec.sample_rate).unsqueeze(0))
         latent, semantic = codec.encoder.branches(wav.to(codec.encoder_dtype))
-        usage.update(codec.quantizer.encode(latent, 1))
+        codes = codec.quantizer.encode(latent, 1)
+        usage.update(codes)
+        all_codes.append(codes.flatten())
         feats = teacher.features(wav, codec.frame_rate, sample_rate=codec.sample_rate, num_frames=latent.shape[-1])
         cosine = codec.distill_cosine(semantic, feats)
         cos_sum += float(cosine.sum())
@@ -53,10 +59,28 @@ def report(model: str, manifest: str, split: str | None, config: str | None, max
     metrics = usage.compute()
     counts = usage.counts[0]
     p = counts[counts > 0] / counts.sum()
-    return {"histogram": counts.tolist(), "entropy_bits": float(-(p * p.log2()).sum()),"model": model, "manifest": manifest, "split": split, "clips": len(utts), "seconds": round(seconds, 1),
-            "frames": frames, "entries": codec.cardinality[0],
-            "usage": float(metrics["codebook0/usage"]), "perplexity": float(metrics["codebook0/perplexity"]),
-            "distill_cosine": cos_sum / max(frames, 1), "teacher": teacher.kind, "teacher_dim": teacher.dim}
+    result = {"histogram": counts.tolist(), "entropy_bits": float(-(p * p.log2()).sum()), "model": model,
+              "manifest": manifest, "split": split, "clips": len(utts), "seconds": round(seconds, 1),
+              "frames": frames, "entries": codec.cardinality[0],
+              "usage": float(metrics["codebook0/usage"]), "perplexity": float(metrics["codebook0/perplexity"]),
+              "distill_cosine": cos_sum / max(frames, 1), "teacher": teacher.kind, "teacher_dim": teacher.dim}
+    if codec.quantizer.config.kind == "lfq":
+        result.update(bit_report(torch.cat(all_codes), codec.cardinality[0]))
+    return result
+
+
+def bit_report(codes: torch.Tensor, entries: int) -> dict:
+    """Share of frames with each LFQ bit set (the library's order: most significant first), and the usage
+    that independent bits with those shares would reach on the same number of frames (exact expectation)."""
+    n_bits = entries.bit_length() - 1
+    weights = 2 ** torch.arange(n_bits - 1, -1, -1)
+    share = ((codes[:, None] & weights) != 0).double().mean(dim=0)
+    entry_bits = (torch.arange(entries)[:, None] & weights) != 0
+    entry_p = torch.where(entry_bits, share, 1 - share).prod(dim=1)
+    expected_usage = float((1 - (1 - entry_p).pow(codes.numel())).mean())
+    uniform_usage = 1 - (1 - 1 / entries) ** codes.numel()
+    return {"bit_share": [round(float(x), 3) for x in share], "usage_if_bits_independent": expected_usage,
+            "usage_if_uniform": uniform_usage}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neurocodec.codecs.checkpoint import load_codec
-from neurocodec.codecs.quantizers import (CodebookUsage, Quantizer, QuantizerConfig, codebook_metrics, decorrelation_loss,
+from neurocodec.codecs.quantizers import (CodeBalance, CodebookUsage, Quantizer, QuantizerConfig, codebook_metrics, decorrelation_loss,
                                           usage_from_histogram)
 from neurocodec.config import ConfigError, from_dict
 
@@ -123,6 +123,10 @@ def test_bad_quantizer_config_is_a_clear_error():
         from_dict(QuantizerConfig, {"kind": "rvq", "decorrelation_weight": 1.0}, "model.quantizer")
     with pytest.raises(ConfigError, match="decorrelation_weight must be >= 0"):
         from_dict(QuantizerConfig, {"kind": "lfq", "decorrelation_weight": -1.0}, "model.quantizer")
+    with pytest.raises(ConfigError, match="code_balance_weight applies to lfq only"):
+        from_dict(QuantizerConfig, {"kind": "fsq", "code_balance_weight": 1.0}, "model.quantizer")
+    with pytest.raises(ConfigError, match="code_balance_decay must be in"):
+        from_dict(QuantizerConfig, {"kind": "lfq", "code_balance_decay": 1.0}, "model.quantizer")
 
 
 def test_decorrelation_loss_is_small_for_independent_centred_axes_and_large_otherwise():
@@ -164,3 +168,45 @@ def test_decorrelation_term_spreads_lfq_codes_over_the_whole_codebook():
     after = usage()
     assert before < 0.35, before
     assert after > 0.55, after
+
+
+def test_code_balance_tracks_chosen_entries_and_is_zero_and_flat_at_a_uniform_window():
+    codebook = torch.tensor([[-1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [1.0, 1.0]])  # LFQ's 2-bit entries
+    balance = CodeBalance(codebook, decay=0.9)
+    values = torch.randn(64, 2, requires_grad=True)
+    loss = balance(values, torch.arange(64) % 4)  # a batch over every entry equally keeps the window uniform
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6)
+    (grad,) = torch.autograd.grad(loss, values)
+    assert grad.abs().max() < 1e-6  # nothing to gain where every entry has been equally frequent
+    # After entry 3 was chosen for a whole batch, the window holds it and the term pulls frames away from it.
+    balance(values.detach(), torch.full((64,), 3))
+    assert balance.frequency.tolist() == pytest.approx([0.225, 0.225, 0.225, 0.325])
+    near_entry_3 = (0.5 + 0.3 * torch.randn(64, 2)).requires_grad_()
+    loss = balance(near_entry_3, torch.full((64,), 3))
+    (grad,) = torch.autograd.grad(loss, near_entry_3)
+    assert (grad > 0).all()  # descending the loss lowers both axes: away from entry 3 (bits 1, 1)
+
+
+def test_code_balance_flattens_the_code_distribution_over_its_window():
+    """Frames that start piled on a few of 16 entries (4 bits, each skewed 90/10) end up spread almost
+    uniformly when their values descend the term alone: the window shows which entries were over-used."""
+    g = torch.Generator().manual_seed(0)
+    bits = 4
+    entries = torch.tensor([[1.0 if (e >> (bits - 1 - b)) & 1 else -1.0 for b in range(bits)] for e in range(2 ** bits)])
+    balance = CodeBalance(entries, decay=0.9)
+    values = (torch.randn(512, bits, generator=g) + 1.3).requires_grad_()  # P(bit = 1) = 0.9 for each bit
+    weights = 2 ** torch.arange(bits - 1, -1, -1)
+
+    def code_entropy_bits() -> float:
+        p = torch.bincount(((values.detach() > 0).long() * weights).sum(1), minlength=2 ** bits).float() / 512
+        return float(-(p[p > 0] * p[p > 0].log2()).sum())
+
+    before = code_entropy_bits()
+    opt = torch.optim.SGD([values], lr=100.0)  # the loss is a mean over 512 frames
+    for _ in range(100):
+        loss = balance(values, ((values.detach() > 0).long() * weights).sum(1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert before < 2.5, before
+    assert code_entropy_bits() > 3.8  # of 4

@@ -7,6 +7,7 @@ from `configs/xy_single.yaml:tiny`) on fixed real-speech crops of the demo corpu
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from neurocodec.train.fit import FitArgs, resolve_config, run_training
 from neurocodec.train.module import lightning_max_steps
 from test_train import DEMO, FAST, FixedBatchData
 
+ROOT = Path(__file__).resolve().parent.parent
 MODEL = "xy_single:tiny"
 SR = 16000
 
@@ -88,6 +90,20 @@ def test_trains_and_lowers_mel_and_distillation(tmp_path):
     assert codec.info()["cardinality"] == [8192] and codec.bitrate == 325.0
     codes = codec.encode(torch.randn(1, 1, 6400) * 0.1)
     assert codes.shape == (1, 1, 10)
+    assert codec.quantizer.code_balance.frequency.sum() == pytest.approx(1.0)  # the window travels with the weights
+
+    # scripts/xy_single_report.py on that export: usage over every frame, and the LFQ bit decomposition.
+    spec = importlib.util.spec_from_file_location("xy_single_report", ROOT / "scripts" / "xy_single_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    out = tmp_path / "report.json"
+    assert report.main(["--model", str(export.codec_path), "--manifest", str(DEMO), "--split", "test",
+                        "--max-clips", "3", "--json", str(out), "--config", "xy_single:tiny"]) == 0
+    result = json.loads(out.read_text())
+    assert result["clips"] == 3 and result["entries"] == 8192 and len(result["bit_share"]) == 13
+    assert 0 < result["usage"] <= result["usage_if_uniform"] < 1
+    assert result["usage_if_bits_independent"] <= result["usage_if_uniform"] + 1e-9
+    assert 0 < result["distill_cosine"] <= 1
 
 
 def test_stage_switch_at_the_configured_step_and_after_resume(tmp_path):
@@ -182,6 +198,7 @@ def test_streaming_equals_offline_12hz_with_exec_mask(clip):
     # The `12hz` geometry with the FSQ alternative of the config's LFQ (also one codebook of 16384 entries).
     raw = load_config("xy_single", "tiny", ["model.seanet.strides=[2,4,5,8,4]", "model.quantizer.kind=fsq",
                                             "model.quantizer.levels=[8,8,8,8,4]", "model.quantizer.decorrelation_weight=0",
+                                            "model.quantizer.code_balance_weight=0",
                                             "model.xy_single.semantic.strides=[4,5,8,8]"])
     codec = build_codec(raw["model"], name="xy_single:tiny-12hz")
     warm_start_codebooks(codec)

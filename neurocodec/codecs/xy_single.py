@@ -12,7 +12,7 @@ Two causal encoders read the same audio at the same hop (640 samples = 25 Hz, or
 Their outputs are concatenated and fused by a 1x1 conv into one latent, quantised into ONE codebook, and a
 causal SEANet decoder turns the codes back into audio. One token per frame: 13 bits x 25 Hz = 325 bit/s.
 
-Why LFQ with two usage terms for the single codebook (8192 entries = 13 sign bits; 16384 = 14 bits at
+Why LFQ with three usage terms for the single codebook (8192 entries = 13 sign bits; 16384 = 14 bits at
 12.5 Hz): a learnt 8192-entry codebook (EMA VQ) sees a few hundred latents per CPU batch, so most entries go
 many steps without a vote and usage hinges on dead-code expiry. A fixed grid (FSQ, LFQ) cannot drift away
 from the encoder, but nothing makes the encoder fill it: with FSQ [8, 8, 8, 4, 4] a CPU hour ended at 2% of
@@ -21,6 +21,9 @@ of 13 bits, so its entropy is the sum of the bits' entropies when the bits are i
 there: the library's entropy term (confident bits, distinct codes within a batch) and
 `quantizers.decorrelation_loss` (each bit centred, bits uncorrelated over the batch), which is well
 estimated from a few hundred frames however large the codebook (`quantizer.decorrelation_weight`).
+Pairwise independence still leaves higher-order dependence, so a third term, `quantizers.CodeBalance`
+(`quantizer.code_balance_weight`), flattens the code distribution seen over the last ~100 batches
+(docs/semantic.md has the measurements).
 `quantizer.kind: fsq` or `vq` (EMA VQ with k-means init and dead-code expiry) can still be chosen.
 
 Streaming: `encoder` is one `StreamingContainer` holding both branches and the fusion, so
