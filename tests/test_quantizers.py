@@ -210,3 +210,22 @@ def test_code_balance_flattens_the_code_distribution_over_its_window():
         opt.step()
     assert before < 2.5, before
     assert code_entropy_bits() > 3.8  # of 4
+
+
+def _code_balance_rank(rank: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        codebook = torch.tensor([[-1.0], [1.0]])  # a 1-bit LFQ
+        balance = CodeBalance(codebook, decay=0.5)
+        balance(torch.randn(8, 1), torch.full((8,), rank))  # rank 0 chose entry 0 only, rank 1 entry 1 only
+        torch.save(balance.frequency, f"{out_dir}/frequency{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_code_balance_window_is_the_same_on_every_ddp_rank(tmp_path):
+    """Under DDP the window counts the codes of all ranks (an all-reduce), so no rank's gradient chases a
+    distribution only it has seen."""
+    torch.multiprocessing.spawn(_code_balance_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    first, second = (torch.load(tmp_path / f"frequency{r}.pt") for r in (0, 1))
+    assert first.tolist() == second.tolist() == pytest.approx([0.5, 0.5])  # uniform start, both entries equally chosen
