@@ -23,7 +23,7 @@ from neurocodec.codecs.checkpoint import load_codec, read_metadata
 from neurocodec.config import ConfigError
 from neurocodec.data.dataset import AudioSegmentDataset
 from neurocodec.train.datamodule import CodecDataModule
-from neurocodec.train.fit import FitArgs, main, resolve_config, run_training
+from neurocodec.train.fit import FitArgs, choose_run_dir, main, resolve_config, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo" / "manifest.jsonl"
@@ -192,6 +192,23 @@ def test_ddp_two_cpu_processes_keep_codebooks_identical(tmp_path):
     # The codec was built with sync_codebook: its quantizer all-reduces EMA statistics across ranks.
     assert "codebooks identical on all 2 processes: True" in done.stdout
     assert load_codec(str(tmp_path / "ddp" / "codec.safetensors")).encode(torch.zeros(1, 1, 640)).shape == (1, 4, 2)
+
+
+def test_resuming_a_copied_run_folder_continues_in_that_folder(tmp_path):
+    """`--ckpt_path COPY/checkpoints/last.ckpt` without --config: the run is COPY, not the folder named by the
+    run_name saved in COPY/config.yaml (that mixed two runs' checkpoints and logs in one folder)."""
+    import yaml
+    from neurocodec.config import load_config
+
+    copy = tmp_path / "copy"
+    (copy / "checkpoints").mkdir(parents=True)
+    saved = load_config("grvq_4cb", "tiny", [f"trainer.root_dir={tmp_path}", "trainer.run_name=original"])
+    (copy / "config.yaml").write_text(yaml.safe_dump(saved))
+    ckpt = str(copy / "checkpoints" / "last.ckpt")
+    assert choose_run_dir(resolve_config(FitArgs(ckpt_path=ckpt)), ckpt) == copy.resolve()
+    # naming a run on the command line still wins
+    named = resolve_config(FitArgs(ckpt_path=ckpt, overrides=["trainer.run_name=elsewhere"]))
+    assert choose_run_dir(named, ckpt) == tmp_path / "elsewhere"
 
 
 def test_cli_rejects_unknown_and_mistyped_options(capsys):

@@ -97,6 +97,11 @@ def resolve_config(args: FitArgs) -> TrainConfig:
         args.config, from_saved = str(saved), True
     raw = load_config(args.config, args.preset, args.overrides)
     raw.pop("resumed_from", None)
+    named = {o.partition("=")[0] for o in args.overrides}
+    if from_saved and not named & {"trainer.run_name", "trainer.root_dir"}:
+        # The run is the folder the checkpoint is in, even when that folder was copied or moved since
+        # (its saved run_name would point back at the original and mix two runs' checkpoints and logs).
+        raw.setdefault("trainer", {})["run_name"] = None
     if from_saved and args.preset is None:  # a saved run config is already resolved: keep its preset label
         raw["preset"] = (yaml.safe_load(Path(args.config).read_text()) or {}).get("preset")
     raw.setdefault("model", {})
