@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -117,13 +118,17 @@ def test_resume_is_exact(tmp_path):
     fit(config("grvq_4cb", "trainer.max_steps=2", *common), tmp_path / "half", loggers=True)
     ckpt = tmp_path / "half" / "checkpoints" / "last.ckpt"
     assert _state(ckpt)["neurocodec"]["gen_step"] == 2
-    trainer, resumed, _ = fit(config("grvq_4cb", "trainer.max_steps=4", *common), tmp_path / "half", ckpt_path=str(ckpt),
-                              loggers=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, resumed, _ = fit(config("grvq_4cb", "trainer.max_steps=4", *common), tmp_path / "half",
+                                  ckpt_path=str(ckpt), loggers=True)
+    assert not [w for w in caught if "will be deleted" in str(w.message)]  # they are kept, so no such warning
     assert int(resumed.gen_step) == 4
-    # The resumed session appends to the run's CSV log: the curves of the first session are kept.
+    # The resumed session overwrites last.ckpt (no last-v1.ckpt beside it) and appends to the run's CSV log: the curves of the first session are kept.
     with open(tmp_path / "half" / "csv" / "metrics.csv", newline="") as f:
         logged = sorted({int(float(r["gen_step"])) for r in csv.DictReader(f) if r.get("gen_step")})
     assert logged == [1, 2, 3, 4]
+    assert not [p.name for p in ckpt.parent.iterdir() if "-v" in p.name], sorted(p.name for p in ckpt.parent.iterdir())
     a = _state(tmp_path / "straight" / "checkpoints" / "last.ckpt")
     b = _state(tmp_path / "half" / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 2 * 4 - 1

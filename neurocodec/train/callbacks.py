@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -100,7 +101,9 @@ class ResumableCSVLogger(CSVLogger):
         if self._experiment is None:
             previous = Path(self.log_dir) / "metrics.csv"
             saved = previous.read_bytes() if previous.is_file() else None
-            writer = super().experiment  # creates the writer, which removes the old file
+            with warnings.catch_warnings():  # its "previous log files will be deleted" is untrue here: they are kept
+                warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+                writer = super().experiment  # creates the writer, which removes the old file
             if saved is not None and writer is not None:
                 previous.write_bytes(saved)
                 header = saved.split(b"\n", 1)[0].decode().strip()

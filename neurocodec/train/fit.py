@@ -194,7 +194,10 @@ def build_trainer(config: TrainConfig, run_dir: Path, world: int, extra_callback
     t = config.trainer
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{gen_step:07.0f}",
                                  auto_insert_metric_name=False, monitor="gen_step", mode="max",
-                                 save_top_k=t.keep_checkpoints, save_last=True)
+                                 save_top_k=t.keep_checkpoints, save_last=True,
+                                 # a resumed run overwrites last.ckpt (atomically, AtomicCheckpointIO): with
+                                 # the counter on, Lightning left last-v1.ckpt, last-v2.ckpt, ... beside it
+                                 enable_version_counter=False)
     export = CodecExport(run_dir, config.name)
     callbacks = [checkpoint, export, *extra_callbacks]
     if t.enable_progress_bar:
