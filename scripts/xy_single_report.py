@@ -11,6 +11,10 @@
 * LFQ codes only: the share of frames with each bit set, and the usage that independent bits with those
   same shares would reach on as many frames. The gap between that and uniform codes is the bits' imbalance;
   the gap between that and the measured usage is the dependence between bits.
+* LFQ codes only, the dependence split further, from the axes LFQ takes the signs of: the usage of those same
+  axes after whitening them (their means and linear correlations removed, so what still separates it from
+  uniform codes is non-linear structure: frames clustered in a few directions), and the usage of a Gaussian
+  with the axes' mean and covariance (all that their linear statistics would allow).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def report(model: str, manifest: str, split: str | None, config: str | None, max
     teacher = build_teacher(parse_train_config(raw).teacher)
     utts = read_manifest(manifest, split=split)[:max_clips]
     usage = CodebookUsage(codec.quantizer.cardinalities)
-    all_codes = []
+    all_codes, all_axes = [], []
     cos_sum, frames, seconds = 0.0, 0, 0.0
     for utt in tqdm(utts, desc="clips", unit="clip"):
         wav = codec.pad_to_frames(load_audio(utt.path, codec.sample_rate).unsqueeze(0))
@@ -51,6 +55,8 @@ def report(model: str, manifest: str, split: str | None, config: str | None, max
         codes = codec.quantizer.encode(latent, 1)
         usage.update(codes)
         all_codes.append(codes.flatten())
+        if codec.quantizer.config.kind == "lfq":
+            all_axes.append(codec.quantizer.impl.project_in(latent.transpose(1, 2))[0].double())
         feats = teacher.features(wav, codec.frame_rate, sample_rate=codec.sample_rate, num_frames=latent.shape[-1])
         cosine = codec.distill_cosine(semantic, feats)
         cos_sum += float(cosine.sum())
@@ -66,6 +72,7 @@ def report(model: str, manifest: str, split: str | None, config: str | None, max
               "distill_cosine": cos_sum / max(frames, 1), "teacher": teacher.kind, "teacher_dim": teacher.dim}
     if codec.quantizer.config.kind == "lfq":
         result.update(bit_report(torch.cat(all_codes), codec.cardinality[0]))
+        result.update(linear_report(torch.cat(all_axes)))
     return result
 
 
@@ -81,6 +88,28 @@ def bit_report(codes: torch.Tensor, entries: int) -> dict:
     uniform_usage = 1 - (1 - 1 / entries) ** codes.numel()
     return {"bit_share": [round(float(x), 3) for x in share], "usage_if_bits_independent": expected_usage,
             "usage_if_uniform": uniform_usage}
+
+
+def sign_usage(axes: torch.Tensor) -> float:
+    """Share of the 2^d sign patterns that the rows of `axes` [N, d] fall in."""
+    d = axes.shape[1]
+    index = ((axes > 0).long() * 2 ** torch.arange(d - 1, -1, -1)).sum(dim=1)
+    return float(torch.bincount(index, minlength=2 ** d).gt(0).double().mean())
+
+
+def linear_report(axes: torch.Tensor) -> dict:
+    """How much of the bits' dependence is linear: usage of the LFQ axes [N, d] after ZCA whitening, and of
+    a Gaussian sample (seeded) with the same mean and covariance, on as many frames."""
+    mean, cov = axes.mean(dim=0), torch.cov(axes.t())
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+    whitened = (axes - mean) @ eigenvectors @ torch.diag(eigenvalues.clamp_min(1e-12).rsqrt()) @ eigenvectors.t()
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(axes.shape, generator=generator, dtype=torch.float64)
+    gaussian = mean + noise @ torch.linalg.cholesky(cov + 1e-9 * torch.eye(len(cov), dtype=cov.dtype)).t()
+    std = cov.diag().sqrt()
+    correlation_eigenvalues = torch.linalg.eigvalsh(cov / std[:, None] / std[None, :])
+    return {"usage_if_axes_whitened": sign_usage(whitened), "usage_if_gaussian_same_covariance": sign_usage(gaussian),
+            "axes_correlation_eigenvalues": [round(float(x), 3) for x in correlation_eigenvalues]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,9 +93,7 @@ def test_trains_and_lowers_mel_and_distillation(tmp_path):
     assert codec.quantizer.code_balance.frequency.sum() == pytest.approx(1.0)  # the window travels with the weights
 
     # scripts/xy_single_report.py on that export: usage over every frame, and the LFQ bit decomposition.
-    spec = importlib.util.spec_from_file_location("xy_single_report", ROOT / "scripts" / "xy_single_report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = report_script()
     out = tmp_path / "report.json"
     assert report.main(["--model", str(export.codec_path), "--manifest", str(DEMO), "--split", "test",
                         "--max-clips", "3", "--json", str(out), "--config", "xy_single:tiny"]) == 0
@@ -104,6 +102,33 @@ def test_trains_and_lowers_mel_and_distillation(tmp_path):
     assert 0 < result["usage"] <= result["usage_if_uniform"] < 1
     assert result["usage_if_bits_independent"] <= result["usage_if_uniform"] + 1e-9
     assert 0 < result["distill_cosine"] <= 1
+    assert 0 < result["usage_if_axes_whitened"] <= 1 and len(result["axes_correlation_eigenvalues"]) == 13
+
+
+def report_script():
+    spec = importlib.util.spec_from_file_location("xy_single_report", ROOT / "scripts" / "xy_single_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    return report
+
+
+def test_report_separates_linear_from_non_linear_dependence_of_the_bits():
+    report = report_script()
+    g = torch.Generator().manual_seed(1)
+    n, d = 2000, 8  # 7.8 frames per sign pattern: independent, balanced bits would use 99.96% of them
+    independent = torch.randn(n, d, generator=g, dtype=torch.float64)
+    # Linear dependence (an offset and a shared component) costs usage; whitening gives it back.
+    mixed = independent @ (torch.eye(d, dtype=torch.float64) + 2.0 * torch.ones(d, d, dtype=torch.float64)) + 1.0
+    result = report.linear_report(mixed)
+    assert report.sign_usage(mixed) < 0.7 and result["usage_if_gaussian_same_covariance"] < 0.7
+    assert result["usage_if_axes_whitened"] > 0.99
+    assert max(result["axes_correlation_eigenvalues"]) > 5
+    # Frames clustered around 20 points: whitening cannot spread them over the 256 patterns, though a
+    # Gaussian with their (unremarkable) covariance would cover most of them.
+    centres = torch.randn(20, d, generator=g, dtype=torch.float64) * 3
+    clustered = centres[torch.randint(0, 20, (n,), generator=g)] + 0.1 * independent
+    result = report.linear_report(clustered)
+    assert result["usage_if_axes_whitened"] < 0.2 and result["usage_if_gaussian_same_covariance"] > 0.7
 
 
 def test_stage_switch_at_the_configured_step_and_after_resume(tmp_path):
@@ -122,6 +147,61 @@ def test_stage_switch_at_the_configured_step_and_after_resume(tmp_path):
     trainer2, module2, _ = fit(cfg, tmp_path / "run", ckpt_path=str(ckpt), callbacks=[resumed])
     assert [(r["gen_step"], r["stage"], r["disc_trained"]) for r in resumed.rows] == [(4, 2, True), (5, 2, True)]
     assert int(module2.gen_step) == 5 and trainer2.global_step == 7
+
+
+class PartRecorder(L.Callback):
+    """Per generator step: which codec parts' weights, and which parts' buffers (BatchNorm statistics), changed."""
+
+    def __init__(self) -> None:
+        self.moved: list[set[str]] = []
+        self.buffers_moved: list[set[str]] = []
+
+    def _state(self, module, kind: str) -> dict[str, torch.Tensor]:
+        state = {}
+        for name, part in module.codec.named_children():
+            tensors = list(part.parameters() if kind == "parameters" else part.buffers())
+            if tensors:
+                state[name] = torch.cat([t.detach().double().flatten() for t in tensors]).clone()
+        return state
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._before = {kind: self._state(module, kind) for kind in ("parameters", "buffers")}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        for kind, log in (("parameters", self.moved), ("buffers", self.buffers_moved)):
+            after = self._state(module, kind)
+            log.append({name for name in after if not torch.equal(after[name], self._before[kind][name])})
+
+
+def test_a_stage_can_freeze_the_tokenizer_and_train_only_the_decoder(tmp_path):
+    frozen = "[encoder, quantizer, distill_proj]"
+    stages = (f"stages=[{{until_step: 3, loss: {{adversarial: 0, feature: 0}}}}, "
+              f"{{freeze: {frozen}, norm_recalibration_steps: 2}}]")
+    recorder = PartRecorder()
+    cfg = xy_config("trainer.max_steps=7", "trainer.val_every=4", "optim.weight_decay=0.01", stages)
+    _, module, _ = fit(cfg, tmp_path / "run", callbacks=[recorder])
+    everything = {"encoder", "quantizer", "decoder", "distill_proj"}
+    assert recorder.moved[:3] == [everything] * 3, recorder.moved  # stage 1 trains every part
+    # Stage 2 (including the step after a validation, which puts Lightning's module back in train mode):
+    # neither weights, Adam momentum and weight decay move the frozen parts.
+    assert recorder.moved[3:] == [{"decoder"}] * 4, recorder.moved
+    assert all(p.grad is None for p in module.codec.encoder.parameters())
+    # The encoder's BatchNorm statistics are re-estimated over stage 2's first 2 batches, then held.
+    assert [b & {"encoder"} for b in recorder.buffers_moved[3:]] == [{"encoder"}] * 2 + [set()] * 2
+    norm = module.codec.encoder.norm
+    assert int(norm.num_batches_tracked) == 2 and norm.momentum == 0.1 and not norm.training
+    assert not module.codec.encoder.training and not module.codec.quantizer.training
+
+    raw = load_config("xy_single", "tiny")
+    raw["stages"] = [{"until_step": 3}, {"freeze": ["encoder", "vocoder"]}]
+    with pytest.raises(ConfigError, match="vocoder, which this codec does not have; its parts: decoder, distill_proj"):
+        fit(parse_train_config(raw), tmp_path / "bad")
+    for stage, message in (({"freeze": "encoder"}, "list of codec module names"),
+                           ({"norm_recalibration_steps": 5}, "freeze is empty"),
+                           ({"freeze": ["encoder"], "norm_recalibration_steps": -1}, "integer >= 0")):
+        raw["stages"] = [stage]
+        with pytest.raises(ConfigError, match=message):
+            parse_train_config(raw)
 
 
 def test_stage_config_is_validated_and_counts_discriminator_steps():

@@ -104,6 +104,15 @@ class StageConfig:
     # Train the discriminator (and compute the GAN losses) in this stage. None: when this stage's
     # adversarial or feature weight is > 0 (after optim.disc_start_step).
     discriminator: bool | None = None
+    # Parts of the codec (its top-level modules, e.g. [encoder, quantizer]) whose weights stay fixed in this
+    # stage. They also run in eval mode (BatchNorm uses its running statistics), so the tokens the later
+    # parts train on are the tokens inference produces. Typical use: a last stage that fine-tunes only the
+    # decoder, so adversarial training cannot move the tokens learnt before it.
+    freeze: list = field(default_factory=list)
+    # With `freeze`: re-estimate the BatchNorm statistics of the frozen parts over the stage's first N
+    # training batches (a plain average, not the running EMA), then hold them. The EMA that training kept
+    # follows the last few batches of a moving network; these are the statistics inference will use.
+    norm_recalibration_steps: int = 0
 
     def __post_init__(self) -> None:
         known = loss_weight_names()
@@ -119,6 +128,14 @@ class StageConfig:
             raise ValueError(f"stage until_step must be a positive integer, got {self.until_step!r}")
         if self.discriminator is not None and not isinstance(self.discriminator, bool):
             raise ValueError(f"stage discriminator must be true, false or null, got {self.discriminator!r}")
+        if not isinstance(self.freeze, list) or not all(isinstance(name, str) and name for name in self.freeze):
+            raise ValueError(f"stage freeze must be a list of codec module names, e.g. [encoder, quantizer], "
+                             f"got {self.freeze!r}")
+        if (isinstance(self.norm_recalibration_steps, bool) or not isinstance(self.norm_recalibration_steps, int)
+                or self.norm_recalibration_steps < 0):
+            raise ValueError(f"stage norm_recalibration_steps must be an integer >= 0, got {self.norm_recalibration_steps!r}")
+        if self.norm_recalibration_steps and not self.freeze:
+            raise ValueError("stage norm_recalibration_steps applies to the parts the stage freezes; freeze is empty")
 
 
 @dataclass
@@ -169,6 +186,17 @@ def loss_weights_at(config: TrainConfig, step: int) -> dict[str, float]:
     if config.stages:
         weights.update(config.stages[stage_index(config, step)].loss)
     return weights
+
+
+def frozen_at(config: TrainConfig, step: int) -> frozenset[str]:
+    """The codec modules held fixed at generator step `step` (the stage's `freeze` list)."""
+    return frozenset(config.stages[stage_index(config, step)].freeze) if config.stages else frozenset()
+
+
+def steps_into_stage(config: TrainConfig, step: int) -> int:
+    """How many generator steps of its stage came before step `step` (0: the stage's first step)."""
+    i = stage_index(config, step)
+    return step - (config.stages[i - 1].until_step if i > 0 else 0)
 
 
 def discriminator_on_at(config: TrainConfig, step: int) -> bool:

@@ -21,8 +21,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..codecs.quantizers import CodebookUsage
+from ..config import ConfigError
 from ..eval.metrics import pesq_score, stoi_score
-from .config import TrainConfig, discriminator_on_at, discriminator_steps, loss_weights_at, stage_index
+from .config import (TrainConfig, discriminator_on_at, discriminator_steps, frozen_at, loss_weights_at,
+                     stage_index, steps_into_stage)
 from .discriminators import Discriminators
 from .ema import WeightEMA
 from .losses import (MultiResolutionMelLoss, MultiScaleSTFTLoss, discriminator_loss, feature_matching_loss,
@@ -75,6 +77,17 @@ class CodecTrainingModule(L.LightningModule):
                 codec.prepare_for_training(self.teacher, config=config)
         self._pending_rng: dict | None = None
         self._val: dict = {}
+        parts = dict(codec.named_children())
+        for i, stage in enumerate(config.stages):
+            unknown = sorted(set(stage.freeze) - set(parts))
+            if unknown:
+                raise ConfigError(f"stages[{i}].freeze names {', '.join(unknown)}, which this codec does not have; "
+                                  f"its parts: {', '.join(sorted(parts))}")
+        # Parameters of every part that some stage freezes, with their own requires_grad (restored when unfrozen).
+        self._freezable = {name: [(p, p.requires_grad) for p in parts[name].parameters()]
+                           for name in sorted({n for stage in config.stages for n in stage.freeze})}
+        self._norm_momentum = {m: m.momentum for name in self._freezable for m in parts[name].modules()
+                               if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
     # -- optimisers ---------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -134,9 +147,46 @@ class CodecTrainingModule(L.LightningModule):
             _set_rng_state(self._pending_rng)
             self._pending_rng = None
 
+    def hold_frozen_parts(self, step: int) -> None:
+        """Apply the stage's `freeze` list: frozen parts take no gradient (AdamW skips parameters whose grad
+        is None, so neither momentum nor weight decay moves them) and run in eval mode. Re-applied every
+        step because Lightning switches the whole module back to train mode after each validation."""
+        frozen = frozen_at(self.config, step)
+        for name, params in self._freezable.items():
+            for param, trainable in params:
+                param.requires_grad_(trainable and name not in frozen)
+            if name in frozen:
+                getattr(self.codec, name).eval()
+        if frozen and self.config.stages[stage_index(self.config, step)].norm_recalibration_steps:
+            self.recalibrate_frozen_norms(step, frozen)
+
+    def recalibrate_frozen_norms(self, step: int, frozen: frozenset[str]) -> None:
+        """Over a freezing stage's first `norm_recalibration_steps` batches, the frozen parts' BatchNorm layers
+        normalise with batch statistics and accumulate them as a plain average (momentum None); afterwards
+        they are held. The average lives in the layers' buffers (with their batch count), so a run resumed
+        during recalibration goes on with it. Under DDP each process averages its own batches; the ranks'
+        averages are then averaged, so every process holds the same statistics."""
+        n = self.config.stages[stage_index(self.config, step)].norm_recalibration_steps
+        into = steps_into_stage(self.config, step)
+        norms = [m for name in sorted(frozen) for m in getattr(self.codec, name).modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        for norm in norms:
+            if into == 0:
+                norm.reset_running_stats()
+            # None: a cumulative average over the recalibration batches; the layer's own momentum afterwards
+            norm.momentum = None if into < n else self._norm_momentum[norm]
+            if into < n:
+                norm.train()
+        if into == n and dist.is_available() and dist.is_initialized():
+            for norm in norms:
+                for stat in (norm.running_mean, norm.running_var):
+                    dist.all_reduce(stat)
+                    stat.div_(dist.get_world_size())
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         o = self.config.optim
         step = int(self.gen_step)
+        self.hold_frozen_parts(step)
         optimizers = self._as_list(self.optimizers())
         schedulers = self._as_list(self.lr_schedulers())
         opt_g = optimizers[0]
