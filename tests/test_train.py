@@ -124,7 +124,8 @@ def test_resume_is_exact(tmp_path):
                                   ckpt_path=str(ckpt), loggers=True)
     assert not [w for w in caught if "will be deleted" in str(w.message)]  # they are kept, so no such warning
     assert int(resumed.gen_step) == 4
-    # The resumed session overwrites last.ckpt (no last-v1.ckpt beside it) and appends to the run's CSV log: the curves of the first session are kept.
+    # The resumed session overwrites last.ckpt (no last-v1.ckpt beside it) and appends to the run's CSV log:
+    # the curves of the first session are kept.
     with open(tmp_path / "half" / "csv" / "metrics.csv", newline="") as f:
         logged = sorted({int(float(r["gen_step"])) for r in csv.DictReader(f) if r.get("gen_step")})
     assert logged == [1, 2, 3, 4]
