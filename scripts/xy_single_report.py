@@ -2,6 +2,7 @@
 
     python scripts/xy_single_report.py --model runs/NAME/codec.safetensors --manifest M.jsonl [--split test]
         [--config runs/NAME/config.yaml] [--max-clips N] [--json out.json] [--plot usage.png]
+        [--plot-frames usage_by_frames.png]
 
 * usage: fraction of the single codebook's entries used at least once over every frame of the set, with the
   perplexity (exp of the code entropy) — measure on a set with many more frames than entries;
@@ -15,6 +16,9 @@
   axes after whitening them (their means and linear correlations removed, so what still separates it from
   uniform codes is non-linear structure: frames clustered in a few directions), and the usage of a Gaussian
   with the axes' mean and covariance (all that their linear statistics would allow).
+* usage against the number of frames (frames drawn in a seeded random order, at 1/4, 1/2, 1, 2, 4, ... frames per
+  entry and at all of them), next to what uniform codes would reach on as many: usage depends on the size of
+  the set as much as on the codec, so compare sets and runs at equal frames (`--plot-frames` draws it).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from neurocodec.codecs.quantizers import CodebookUsage
 from neurocodec.codecs.teacher import build_teacher
 from neurocodec.config import load_config, split_model_spec
 from neurocodec.data.manifest import read_manifest
-from neurocodec.eval.plots import plot_codebook_usage
+from neurocodec.eval.plots import plot_codebook_usage, plot_usage_by_frames
 from neurocodec.train.config import parse_train_config
 
 
@@ -70,6 +74,7 @@ def report(model: str, manifest: str, split: str | None, config: str | None, max
               "frames": frames, "entries": codec.cardinality[0],
               "usage": float(metrics["codebook0/usage"]), "perplexity": float(metrics["codebook0/perplexity"]),
               "distill_cosine": cos_sum / max(frames, 1), "teacher": teacher.kind, "teacher_dim": teacher.dim}
+    result["usage_by_frames"] = usage_by_frames(torch.cat(all_codes), codec.cardinality[0])
     if codec.quantizer.config.kind == "lfq":
         result.update(bit_report(torch.cat(all_codes), codec.cardinality[0]))
         result.update(linear_report(torch.cat(all_axes)))
@@ -88,6 +93,16 @@ def bit_report(codes: torch.Tensor, entries: int) -> dict:
     uniform_usage = 1 - (1 - 1 / entries) ** codes.numel()
     return {"bit_share": [round(float(x), 3) for x in share], "usage_if_bits_independent": expected_usage,
             "usage_if_uniform": uniform_usage}
+
+
+def usage_by_frames(codes: torch.Tensor, entries: int, seed: int = 0) -> list[dict]:
+    """Usage of the first n frames of a seeded random order of `codes`, for n = entries x 1/4, 1/2, 1, 2, 4, ...
+    below len(codes), and n = len(codes); each next to the usage uniform codes would reach on n frames."""
+    order = codes[torch.randperm(codes.numel(), generator=torch.Generator().manual_seed(seed))]
+    sizes = [int(entries * 2.0 ** k) for k in range(-2, 40) if entries * 2.0 ** k < codes.numel()] + [codes.numel()]
+    return [{"frames": n, "frames_per_entry": round(n / entries, 3),
+             "usage": float(torch.bincount(order[:n], minlength=entries).gt(0).double().mean()),
+             "usage_if_uniform": 1 - (1 - 1 / entries) ** n} for n in sizes]
 
 
 def sign_usage(axes: torch.Tensor) -> float:
@@ -121,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-clips", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the result here")
     p.add_argument("--plot", default=None, help="also draw the codebook usage (share used, sorted frequencies) here")
+    p.add_argument("--plot-frames", default=None, help="also draw usage against the number of frames (and uniform codes') here")
+    p.add_argument("--overlay", nargs="*", default=[], metavar="JSON",
+                   help="--json outputs of earlier reports (other runs or splits) to draw in the same --plot-frames")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     result = report(args.model, args.manifest, args.split, args.config, args.max_clips)
@@ -131,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"model": {"trained": True}, "codebooks": {key: [
             {"codebook": 0, "usage": result["usage"], "entropy_bits": result["entropy_bits"]}]}}
         plot_codebook_usage(payload, {key: [histogram]}, args.plot)
+    if args.plot_frames:
+        curves = {}
+        for earlier in [json.loads(Path(path).read_text()) for path in args.overlay] + [result]:
+            label = f"{Path(earlier['model']).parent.name or earlier['model']}, {earlier['split'] or 'all'} split"
+            curves[label] = earlier["usage_by_frames"]
+        plot_usage_by_frames(curves, result["entries"], args.plot_frames)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -96,13 +96,44 @@ def test_trains_and_lowers_mel_and_distillation(tmp_path):
     report = report_script()
     out = tmp_path / "report.json"
     assert report.main(["--model", str(export.codec_path), "--manifest", str(DEMO), "--split", "test",
-                        "--max-clips", "3", "--json", str(out), "--config", "xy_single:tiny"]) == 0
+                        "--max-clips", "3", "--json", str(out), "--config", "xy_single:tiny",
+                        "--plot-frames", str(tmp_path / "usage_by_frames.png")]) == 0
     result = json.loads(out.read_text())
     assert result["clips"] == 3 and result["entries"] == 8192 and len(result["bit_share"]) == 13
     assert 0 < result["usage"] <= result["usage_if_uniform"] < 1
     assert result["usage_if_bits_independent"] <= result["usage_if_uniform"] + 1e-9
     assert 0 < result["distill_cosine"] <= 1
     assert 0 < result["usage_if_axes_whitened"] <= 1 and len(result["axes_correlation_eigenvalues"]) == 13
+    last = result["usage_by_frames"][-1]
+    assert last["usage"] == result["usage"] and last["usage_if_uniform"] == pytest.approx(result["usage_if_uniform"])
+    assert (tmp_path / "usage_by_frames.png").stat().st_size > 10_000
+
+    # scripts/xy_single_tradeoff.py on the same export: real audio through the encoder, mel frames aligned with
+    # codec frames (too few training frames for 8192 centroids, so no k-means row).
+    spec = importlib.util.spec_from_file_location("xy_single_tradeoff", ROOT / "scripts" / "xy_single_tradeoff.py")
+    tradeoff = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tradeoff)
+    out = tmp_path / "tradeoff.json"
+    assert tradeoff.main(["--model", str(export.codec_path), "--manifest", str(DEMO), "--train-clips", "4",
+                          "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    # The tiny latent is 32-d: top-16 components exist, top-32 would be the whole latent.
+    assert set(result["assignments"]) == {"model", "axes_whitened", "latent_whitened_random_axes",
+                                          "top16_whitened_random_axes"}
+    # Its "model" cut is the codec's own code: same entries as `encode` over the same clips.
+    used = set()
+    for utt in read_manifest(str(DEMO), split="test"):
+        used |= set(codec.encode(load_audio(utt.path, codec.sample_rate).unsqueeze(0)).flatten().tolist())
+    assert result["assignments"]["model"]["usage"] == len(used) / 8192
+    # ... and entry by entry: its sign numbering is the library's.
+    utt = read_manifest(str(DEMO), split="test")[0]
+    latent, _ = tradeoff.latent_and_log_mel(codec, [utt])
+    project = codec.quantizer.impl.project_in
+    with torch.no_grad():
+        ids = tradeoff.sign_ids(torch.nn.functional.linear(latent, project.weight.double(), project.bias.double()))
+        wav = codec.pad_to_frames(load_audio(utt.path, codec.sample_rate).unsqueeze(0))
+        assert torch.equal(ids, codec.encode(wav).flatten())
+    assert all(0 < row["usage"] < 1 for row in result["assignments"].values())
 
 
 def report_script():
@@ -110,6 +141,42 @@ def report_script():
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     return report
+
+
+def test_usage_by_frames_follows_uniform_codes_and_saturates_for_a_half_used_codebook():
+    report = report_script()
+    g = torch.Generator().manual_seed(2)
+    entries = 1024
+    uniform = report.usage_by_frames(torch.randint(0, entries, (5000,), generator=g), entries)
+    assert [r["frames"] for r in uniform] == [256, 512, 1024, 2048, 4096, 5000]
+    for row in uniform:
+        assert row["usage"] == pytest.approx(row["usage_if_uniform"], abs=0.03)
+    assert uniform[0]["usage"] < uniform[-1]["usage"]
+    # Codes that never leave half of the entries stop at 50% however many frames there are.
+    half = report.usage_by_frames(torch.randint(0, entries // 2, (20000,), generator=g), entries)
+    assert half[-1]["usage"] == 0.5 and half[-1]["usage_if_uniform"] > 0.99
+
+
+def test_tradeoff_scores_each_way_of_cutting_the_latent_by_usage_and_by_what_it_says_about_the_frame():
+    spec = importlib.util.spec_from_file_location("xy_single_tradeoff", ROOT / "scripts" / "xy_single_tradeoff.py")
+    tradeoff = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tradeoff)
+    g = torch.Generator().manual_seed(3)
+    # A latent of 16 tight clusters in 8-d, a "spectrum" that is a linear function of it, 4-bit codes (16 entries).
+    centres = torch.randn(16, 8, generator=g, dtype=torch.float64) * 3
+    latent = centres[torch.randint(0, 16, (4000,), generator=g)] + 0.05 * torch.randn(4000, 8, generator=g, dtype=torch.float64)
+    mel = latent @ torch.randn(8, 5, generator=g, dtype=torch.float64)
+    project = torch.nn.Linear(8, 4)
+    rows = tradeoff.compare_assignments(latent[:3000], latent[3000:], mel[:3000], mel[3000:], project, kmeans_iters=50)
+    assert set(rows) == {"model", "axes_whitened", "latent_whitened_random_axes", "kmeans"}
+    with torch.no_grad():
+        model_ids = tradeoff.sign_ids(project.double()(latent[3000:]))
+    assert rows["model"]["usage"] == torch.unique(model_ids).numel() / 16
+    # k-means finds the clusters: every entry used, and the entry tells the frame almost exactly.
+    assert rows["kmeans"]["usage"] == 1.0 and rows["kmeans"]["r2_latent"] > 0.95 and rows["kmeans"]["r2_log_mel"] > 0.95
+    assert rows["latent_whitened_random_axes"]["r2_latent"] < rows["kmeans"]["r2_latent"]
+    for row in rows.values():
+        assert 0 < row["usage"] <= 1 and row["r2_latent"] <= 1
 
 
 def test_report_separates_linear_from_non_linear_dependence_of_the_bits():

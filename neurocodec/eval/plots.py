@@ -146,6 +146,33 @@ def plot_codebook_usage(payload: dict, counts: dict[str, list[list[float]]], pat
     return Path(path)
 
 
+def plot_usage_by_frames(curves: dict[str, list[dict]], entries: int, path: str | Path) -> Path | None:
+    """Share of a codebook's entries used against frames per entry, one line per labelled set (rows with
+    `frames` and `usage`), with what uniform codes would reach and the 95% target."""
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=110)
+    longest = 0.0
+    for label, rows in curves.items():
+        per_entry = [r["frames"] / entries for r in rows]
+        longest = max(longest, per_entry[-1])
+        ax.plot(per_entry, [100 * r["usage"] for r in rows], marker="o", markersize=3, label=label)
+    grid = np.geomspace(min(0.25, longest), max(longest, 0.25), 100)
+    ax.plot(grid, 100 * (1 - (1 - 1 / entries) ** (grid * entries)), color="gray", linestyle=":", label="uniform codes")
+    ax.axhline(95, color="tab:red", linestyle="--", linewidth=1, label="target 95%")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"frames per entry (entries: {entries})")
+    ax.set_ylabel("entries used (%)")
+    ax.set_ylim(0, 102)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("codebook usage against the number of frames encoded", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_training_curve(metrics_csv: str | Path, path: str | Path) -> Path | None:
     """Validation PESQ-WB / STOI / codebook usage against generator steps, from a run's CSV log."""
     import csv
