@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from neurocodec.audio import load_audio
 from neurocodec.codecs.checkpoint import load_codec, read_metadata
-from neurocodec.codecs.quantizers import CodebookUsage
+from neurocodec.codecs.quantizers import CodebookUsage, lfq_bit_weights, lfq_entries
 from neurocodec.codecs.teacher import build_teacher
 from neurocodec.config import load_config, split_model_spec
 from neurocodec.data.manifest import read_manifest
@@ -85,7 +85,7 @@ def bit_report(codes: torch.Tensor, entries: int) -> dict:
     """Share of frames with each LFQ bit set (the library's order: most significant first), and the usage
     that independent bits with those shares would reach on the same number of frames (exact expectation)."""
     n_bits = entries.bit_length() - 1
-    weights = 2 ** torch.arange(n_bits - 1, -1, -1)
+    weights = lfq_bit_weights(n_bits)
     share = ((codes[:, None] & weights) != 0).double().mean(dim=0)
     entry_bits = (torch.arange(entries)[:, None] & weights) != 0
     entry_p = torch.where(entry_bits, share, 1 - share).prod(dim=1)
@@ -107,9 +107,7 @@ def usage_by_frames(codes: torch.Tensor, entries: int, seed: int = 0) -> list[di
 
 def sign_usage(axes: torch.Tensor) -> float:
     """Share of the 2^d sign patterns that the rows of `axes` [N, d] fall in."""
-    d = axes.shape[1]
-    index = ((axes > 0).long() * 2 ** torch.arange(d - 1, -1, -1)).sum(dim=1)
-    return float(torch.bincount(index, minlength=2 ** d).gt(0).double().mean())
+    return float(torch.bincount(lfq_entries(axes), minlength=2 ** axes.shape[1]).gt(0).double().mean())
 
 
 def linear_report(axes: torch.Tensor) -> dict:

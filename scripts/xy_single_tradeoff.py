@@ -36,6 +36,7 @@ from tqdm import tqdm
 from neurocodec.audio import load_audio
 from neurocodec.codecs.checkpoint import load_codec
 from neurocodec.codecs.kmeans import assign, fit_minibatch_kmeans
+from neurocodec.codecs.quantizers import lfq_entries
 from neurocodec.data.manifest import read_manifest
 
 
@@ -65,11 +66,6 @@ def r2_by_entry(train_ids: torch.Tensor, test_ids: torch.Tensor, train_y: torch.
     return float(1 - residual / (test_y - test_y.mean(dim=0)).pow(2).sum())
 
 
-def sign_ids(axes: torch.Tensor) -> torch.Tensor:
-    """Entry of each row's sign pattern, most significant bit first (the library's LFQ numbering)."""
-    return ((axes > 0).long() * 2 ** torch.arange(axes.shape[1] - 1, -1, -1)).sum(dim=1)
-
-
 def zca(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean, (eigenvalues, eigenvectors) = x.mean(dim=0), torch.linalg.eigh(torch.cov(x.t()))
     return mean, eigenvectors @ torch.diag(eigenvalues.clamp_min(1e-12).rsqrt()) @ eigenvectors.t()
@@ -85,19 +81,19 @@ def compare_assignments(train: torch.Tensor, test: torch.Tensor, train_mel: torc
     weight, bias = project.weight.detach().double(), project.bias.detach().double()
     axes_train, axes_test = F.linear(train, weight, bias), F.linear(test, weight, bias)
     mean, whiten = zca(axes_train)
-    ways = {"model": (sign_ids(axes_train), sign_ids(axes_test)),
-            "axes_whitened": (sign_ids((axes_train - mean) @ whiten), sign_ids((axes_test - mean) @ whiten))}
+    ways = {"model": (lfq_entries(axes_train), lfq_entries(axes_test)),
+            "axes_whitened": (lfq_entries((axes_train - mean) @ whiten), lfq_entries((axes_test - mean) @ whiten))}
     mean, whiten = zca(train)
     directions = whiten @ random_axes(train.shape[1])
-    ways["latent_whitened_random_axes"] = (sign_ids((train - mean) @ directions), sign_ids((test - mean) @ directions))
+    ways["latent_whitened_random_axes"] = (lfq_entries((train - mean) @ directions), lfq_entries((test - mean) @ directions))
     _, components = torch.linalg.eigh(torch.cov(train.t()))
     for k in (16, 32):
         if bits <= k < train.shape[1]:
             top = components[:, -k:]
             scale = ((train - mean) @ top).std(dim=0)
             directions = top / scale @ random_axes(k)
-            ways[f"top{k}_whitened_random_axes"] = (sign_ids((train - mean) @ directions),
-                                                   sign_ids((test - mean) @ directions))
+            ways[f"top{k}_whitened_random_axes"] = (lfq_entries((train - mean) @ directions),
+                                                   lfq_entries((test - mean) @ directions))
     if len(train) >= entries:  # k-means needs a frame per centroid
         centroids = fit_minibatch_kmeans(train.float(), entries, iters=kmeans_iters, seed=seed)
         ways["kmeans"] = (assign(train, centroids), assign(test, centroids))

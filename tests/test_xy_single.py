@@ -22,6 +22,7 @@ from neurocodec.cli import main as cli
 from neurocodec.codecs.checkpoint import build_codec, load_codec, prepare_for_inference, warm_start_codebooks
 from neurocodec.codecs.commands import decode_streaming, encode_streaming
 from neurocodec.config import ConfigError, load_config
+from neurocodec.codecs.quantizers import lfq_entries
 from neurocodec.data.manifest import Utterance, read_manifest, write_manifest
 from neurocodec.train.config import StageConfig, discriminator_on_at, parse_train_config
 from neurocodec.train.fit import FitArgs, resolve_config, run_training
@@ -130,7 +131,7 @@ def test_trains_and_lowers_mel_and_distillation(tmp_path):
     latent, _ = tradeoff.latent_and_log_mel(codec, [utt])
     project = codec.quantizer.impl.project_in
     with torch.no_grad():
-        ids = tradeoff.sign_ids(torch.nn.functional.linear(latent, project.weight.double(), project.bias.double()))
+        ids = lfq_entries(torch.nn.functional.linear(latent, project.weight.double(), project.bias.double()))
         wav = codec.pad_to_frames(load_audio(utt.path, codec.sample_rate).unsqueeze(0))
         assert torch.equal(ids, codec.encode(wav).flatten())
     assert all(0 < row["usage"] < 1 for row in result["assignments"].values())
@@ -170,7 +171,7 @@ def test_tradeoff_scores_each_way_of_cutting_the_latent_by_usage_and_by_what_it_
     rows = tradeoff.compare_assignments(latent[:3000], latent[3000:], mel[:3000], mel[3000:], project, kmeans_iters=50)
     assert set(rows) == {"model", "axes_whitened", "latent_whitened_random_axes", "kmeans"}
     with torch.no_grad():
-        model_ids = tradeoff.sign_ids(project.double()(latent[3000:]))
+        model_ids = lfq_entries(project.double()(latent[3000:]))
     assert rows["model"]["usage"] == torch.unique(model_ids).numel() / 16
     # k-means finds the clusters: every entry used, and the entry tells the frame almost exactly.
     assert rows["kmeans"]["usage"] == 1.0 and rows["kmeans"]["r2_latent"] > 0.95 and rows["kmeans"]["r2_log_mel"] > 0.95

@@ -135,6 +135,17 @@ def decorrelation_loss(values: torch.Tensor) -> torch.Tensor:
     return off_diagonal + offset
 
 
+def lfq_bit_weights(bits: int) -> torch.Tensor:
+    """Value of each sign bit in an LFQ entry number: vector-quantize-pytorch's LFQ numbers an entry by its
+    sign bits, the first axis most significant (CodeBalance checks this against the library's codebook)."""
+    return 2 ** torch.arange(bits - 1, -1, -1)
+
+
+def lfq_entries(axes: torch.Tensor) -> torch.Tensor:
+    """The LFQ entry that each row of `axes` [N, bits] (the values LFQ takes the signs of) falls in: [N]."""
+    return ((axes > 0).long() * lfq_bit_weights(axes.shape[-1]).to(axes.device)).sum(dim=-1)
+
+
 class CodeBalance(nn.Module):
     """Pushes an LFQ code towards using every entry equally, judged over many batches, not one.
 
@@ -167,11 +178,10 @@ class CodeBalance(nn.Module):
         self.decay = decay
         # The library numbers an entry by its sign bits, the first axis most significant. The neighbour
         # arithmetic below relies on that: check it once rather than trust it.
-        weights = 2 ** torch.arange(d - 1, -1, -1)
-        if not torch.equal(((codebook > 0).long() * weights).sum(dim=1), torch.arange(k)):
+        if not torch.equal(lfq_entries(codebook).cpu(), torch.arange(k)):
             raise RuntimeError("CodeBalance: the LFQ codebook does not number entries by their sign bits "
                                "(first axis most significant); vector-quantize-pytorch changed its layout")
-        self.register_buffer("bit_weights", weights, persistent=False)
+        self.register_buffer("bit_weights", lfq_bit_weights(d), persistent=False)
         # persistent, so that resuming from a checkpoint keeps the window
         self.register_buffer("frequency", torch.full((k,), 1.0 / k))
 
