@@ -1,15 +1,16 @@
 """Served streams: per-frame latency of the gRPC service vs number of real-time streams, with and without
 cross-stream batching.
 
-For each N the server (a `neurocodec serve` subprocess, sized --max-streams N) gets N real-time-paced
+For each N the server (a `neurocodec serve` subprocess with max(N, --slots) session slots, 64 by default as
+`neurocodec serve`, so idle slots are part of the measurement) gets N real-time-paced
 StreamEncode sessions from `neurocodec.serve.loadtest` in this process; per-frame latency is the time
 from sending a frame's last sample to receiving its tokens (what the service adds on top of the one-frame
 algorithmic latency). The reference is the same server stepping sessions one by one (--no-batching).
 Then the largest N with p99 <= --p99-ms and no rejected/failed stream is searched for both modes.
 The load generator shares the machine's cores with the server, as a real co-located client would.
 
-    python bench/serve_latency.py            # default grvq_4cb, 1/16/64/128 streams, 10 s each
-    python bench/serve_latency.py --quick    # tiny model, short run: checks the script works
+    python bench/serve_latency.py            # the shipped default model, 1/4/16/64 streams, 5 s each
+    python bench/serve_latency.py --quick    # tiny random model, short run: checks the script works
 """
 
 from __future__ import annotations
@@ -58,11 +59,12 @@ class Served:
     """`neurocodec serve` in a subprocess for the duration of a `with` block."""
 
     extra_args: list[str] = []  # passed to every server of this run (e.g. --float32)
+    slots: int = 64  # session slots at least (a deployed server has more slots than active sessions)
 
     def __init__(self, model: str, max_streams: int, batching: bool, threads: int | None) -> None:
         self.port = free_port()
         cmd = [sys.executable, "-m", "neurocodec.cli", "serve", "--model", model, "--port", str(self.port),
-               "--max-streams", str(max_streams), "--log-level", "warning", "--grace", "2", *self.extra_args]
+               "--max-streams", str(max(max_streams, self.slots)), "--log-level", "warning", "--grace", "2", *self.extra_args]
         if not batching:
             cmd.append("--no-batching")
         if threads:
@@ -120,9 +122,10 @@ def find_max(model: str, batching: bool, seconds: float, p99_ms: float, limit: i
 
 def main() -> None:
     parser = arg_parser(__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model (default grvq_4cb; --quick: grvq_4cb:tiny)")
-    parser.add_argument("--streams", default=None, help="comma-separated N (default 1,16,64,128)")
-    parser.add_argument("--seconds", type=float, default=None, help="audio per stream (default 10)")
+    parser.add_argument("--model", default=None, help="model (default: the shipped default model; --quick: grvq_4cb:tiny)")
+    parser.add_argument("--streams", default=None, help="comma-separated N (default 1,4,16,64)")
+    parser.add_argument("--seconds", type=float, default=None, help="audio per stream (default 5)")
+    parser.add_argument("--slots", type=int, default=64, help="server session slots at least (default 64, as neurocodec serve)")
     parser.add_argument("--p99-ms", type=float, default=20.0)
     parser.add_argument("--find-limit", type=int, default=None, help="largest N tried by the search (default 512)")
     parser.add_argument("--threads", type=int, default=None, help="server torch threads (default: torch's choice)")
@@ -130,10 +133,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.float32:
         Served.extra_args = ["--float32"]
+    Served.slots = args.slots
     quick = args.quick
-    model = args.model or ("grvq_4cb:tiny" if quick else "grvq_4cb")
-    streams = [int(s) for s in (args.streams or ("1,4" if quick else "1,16,64,128")).split(",")]
-    seconds = args.seconds or (1.5 if quick else 10.0)
+    model = args.model or ("grvq_4cb:tiny" if quick else "default")
+    streams = [int(s) for s in (args.streams or ("1,4" if quick else "1,4,16,64")).split(",")]
+    seconds = args.seconds or (1.5 if quick else 5.0)
     limit = args.find_limit or (8 if quick else 512)
 
     # Build the model once and serve it from a checkpoint (so each server restart skips the codebook init).
@@ -173,7 +177,7 @@ def main() -> None:
         "title": "Served streams: per-frame latency vs concurrent real-time streams (gRPC, loopback)",
         "figures": figures,
         "params": {"model": model, "encoder": "float32" if args.float32 else "float64 (exact)", "streams": streams, "seconds_per_stream": seconds, "p99_target_ms": args.p99_ms,
-                   "chunk_ms": 20, "server_threads": args.threads, "find_limit": limit},
+                   "chunk_ms": 20, "server_threads": args.threads, "find_limit": limit, "server_slots_at_least": args.slots},
         "rows": rows,
         "max_streams": {"batched": best[True], "one_by_one": best[False]},
         "notes": "Latency = tokens received - frame's last sample sent (excludes the 20 ms algorithmic frame). "

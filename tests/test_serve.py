@@ -153,6 +153,83 @@ def test_stream_decode_equals_offline_decode(server_a, codec, clips, tmp_path):
     np.testing.assert_allclose(written, np.clip(expected, -1, 1), atol=1.0 / 32768 + 1e-6)  # 16-bit WAV
 
 
+def test_a_lone_session_costs_one_slot_not_all(server_a, codec, clips, monkeypatch):
+    """A step runs on the sessions that have input, not on every slot of the server (34 here)."""
+    worker = server_a.server.servicer.models[MODEL].worker
+    batch_sizes = {"encode": [], "decode": []}
+    for kind in batch_sizes:
+        step = getattr(worker.codec, f"{kind}_step")
+
+        def spy(x, step=step, seen=batch_sizes[kind]):
+            seen.append(x.shape[0])
+            return step(x)
+
+        monkeypatch.setattr(worker.codec, f"{kind}_step", spy)
+    with client_a(server_a) as client:
+        codes = stacked(list(client.stream_encode(chunked(clips[2], 20), sample_rate=SR)))
+        audio = np.concatenate(list(client.stream_decode([codes], num_codebooks=4)))
+    assert np.array_equal(codes, offline(codec, clips[2]))
+    expected = codec.decode(torch.from_numpy(codes).unsqueeze(0))[0, 0].numpy()
+    np.testing.assert_allclose(audio, expected, atol=1e-4, rtol=0)
+    assert batch_sizes["encode"] and set(batch_sizes["encode"]) == {1}
+    assert batch_sizes["decode"] and set(batch_sizes["decode"]) == {1}
+
+
+def test_sessions_that_fell_behind_catch_up_in_multi_frame_steps(codec, clips):
+    """Backlogged sessions advance several frames per step; outputs still equal offline, frame by frame."""
+    import copy
+
+    from neurocodec.serve.batcher import END, Worker
+
+    model = copy.deepcopy(codec)
+    worker = Worker(model, max_streams=4, max_frames_per_step=4)
+    worker.open_streams()  # no worker thread: the test steps it
+    loop = asyncio.new_event_loop()
+    fs = worker.frame_size
+    try:
+        audios = [clips[3][: 5 * fs + 77], clips[4][: 3 * fs], clips[5][: 9 * fs]]
+        enc = [worker.open("encode", 4, loop) for _ in audios]
+        codes = [offline(codec, a) for a in audios]
+        dec = [worker.open("decode", k, loop) for k in (4, 2)]
+        for s, a in zip(enc, audios):
+            worker.push(s, a)
+        worker.end(enc[0])
+        worker.push(dec[0], codes[2])
+        worker.push(dec[1], codes[2][:2])
+        steps = []
+        while True:
+            before = dict(worker.frames)
+            stepped = [worker._step("encode"), worker._step("decode")]
+            if not any(stepped):
+                break
+            steps.append({k: worker.frames[k] - before[k] for k in before})
+        loop.run_until_complete(asyncio.sleep(0))  # deliver the outputs queued for each session
+        # encode: 3 sessions x min(5, 3, 9, cap 4) = 3 frames, then 2 x min(2, 6) ...; decode: 2 x 4, 2 x 4, 2 x 1
+        assert [s["encode"] for s in steps][:2] == [9, 4] and [s["decode"] for s in steps][:3] == [8, 8, 2]
+
+        def drained(session):
+            items = []
+            while not session.queue.empty():
+                items.append(session.queue.get_nowait())
+            return items
+
+        for i, s in enumerate(enc):
+            items = drained(s)
+            if i == 0:  # ended: the partial 6th frame was zero-padded, then END
+                assert items[-1] is END
+                items = items[:-1]
+            assert [index for index, _ in items] == list(range(len(items)))
+            assert np.array_equal(np.stack([c for _, c in items], axis=1), codes[i][:, : len(items)])
+            assert len(items) == codes[i].shape[1]
+        for s, k in zip(dec, (4, 2)):
+            audio = np.concatenate([w for _, w in drained(s)])
+            expected = codec.decode(torch.from_numpy(codes[2][:k]).unsqueeze(0))[0, 0].numpy()
+            np.testing.assert_allclose(audio, expected, atol=1e-4, rtol=0)
+    finally:
+        worker.stop()
+        loop.close()
+
+
 def test_32_concurrent_streams_all_correct(server_a, codec, clips):
     chunk_ms = [10, 20, 37, 100]
 

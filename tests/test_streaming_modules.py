@@ -122,6 +122,79 @@ def test_exec_mask_keeps_state_and_sessions_are_independent():
             torch.testing.assert_close(torch.cat(produced[b], dim=-1), expected[b], atol=1e-6, rtol=0)
 
 
+def _stateful_net():
+    from neurocodec.codecs.streaming import StreamingContainer
+
+    class Net(StreamingContainer):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(
+                StreamingConv1d(1, 4, 7), torch.nn.ELU(), StreamingConv1d(4, 4, 4, stride=2),
+                StreamingConvTranspose1d(4, 4, 4, stride=2), StreamingLSTM(4, 1),
+                StreamingConv1d(4, 8, 2, stride=2), StreamingTransformer(8, num_layers=1, num_heads=2, context=3))
+
+        def forward(self, x):
+            return self.body(x)
+
+    return Net().eval()
+
+
+def _states(model):
+    return [{name: getattr(m._streaming_state, name).clone() for name in m._streaming_state.tensor_fields()}
+            for m in model._streaming_modules()]
+
+
+def test_selected_sessions_step_alone_and_equal_offline():
+    """A server steps only the sessions with input: compact batches of chosen slots, the rest untouched."""
+    torch.manual_seed(3)
+    model = _stateful_net()
+    frame, n_frames, slots = 4, 10, 6
+    signals = torch.randn(slots, 1, frame * n_frames)
+    with torch.no_grad():
+        expected = [model(signals[b:b + 1]) for b in range(slots)]
+        rng = random.Random(1)
+        produced = [[] for _ in range(slots)]
+        position = [0] * slots
+        with model.streaming(slots):
+            while min(position) < n_frames:
+                chosen = [b for b in range(slots) if position[b] < n_frames and rng.random() < 0.5]
+                rng.shuffle(chosen)  # any order of slots
+                if not chosen:
+                    continue
+                before = _states(model)
+                chunk = torch.cat([signals[b:b + 1, :, position[b] * frame:(position[b] + 1) * frame] for b in chosen])
+                with model.select_sessions(torch.tensor(chosen)):
+                    out = model(chunk)
+                assert out.shape[0] == len(chosen)  # the step ran on the chosen sessions only
+                after = _states(model)
+                for b in set(range(slots)) - set(chosen):  # idle sessions: bitwise the same state
+                    assert all(torch.equal(a[k][b], o[k][b]) for a, o in zip(after, before) for k in a)
+                for i, b in enumerate(chosen):
+                    produced[b].append(out[i:i + 1])
+                    position[b] += 1
+        for b in range(slots):
+            torch.testing.assert_close(torch.cat(produced[b], dim=-1), expected[b], atol=1e-6, rtol=0)
+
+
+def test_selected_step_that_fails_changes_no_session():
+    torch.manual_seed(4)
+    model = _stateful_net()
+    with torch.no_grad(), model.streaming(3):
+        model(torch.randn(3, 1, 8))
+        before = _states(model)
+        with pytest.raises(ZeroDivisionError):
+            with model.select_sessions(torch.tensor([2, 0])):
+                model(torch.randn(2, 1, 4))  # every module has stepped ...
+                1 / 0  # ... when the step fails
+        with pytest.raises(StreamingShapeError, match="whole frames"):
+            with model.select_sessions(torch.tensor([1])):
+                model(torch.randn(1, 1, 3))  # a part of a frame would change buffer lengths
+        after = _states(model)
+        assert all(torch.equal(a[k], o[k]) for a, o in zip(after, before) for k in a)
+        with model.select_sessions(torch.tensor([1])):  # and the model still steps afterwards
+            assert model(torch.randn(1, 1, 4)).shape[0] == 1
+
+
 def test_reset_restarts_only_chosen_sessions():
     torch.manual_seed(2)
     conv = StreamingConv1d(1, 2, 5).eval()

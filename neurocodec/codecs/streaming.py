@@ -12,15 +12,20 @@ Batch items are independent sessions:
     the whole batch (one batched call), but items whose mask is False keep their state untouched, and
     their outputs are to be ignored by the caller.
 
+  * `select_sessions(slots)` steps only the chosen items: inside the block the module streams a compact
+    batch whose item i is slot `slots[i]`, and on leaving it their new states are written back. Idle items
+    cost nothing (a masked step still computes them), so a server sized for 64 sessions pays for the
+    sessions that have input, not for 64.
+
 Because masked items keep old state while active ones advance, all state tensors of a module must keep
 the same shape from step to step. That holds whenever every step feeds whole frames (the server's case);
-a masked step whose chunk would change a buffer's length raises `StreamingShapeError`.
+a masked step (or a selected one) whose chunk would change a buffer's length raises `StreamingShapeError`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Iterator
 
 import torch
@@ -31,14 +36,22 @@ class StreamingShapeError(RuntimeError):
     """A masked step was given a chunk that is not a whole number of frames."""
 
 
+_TENSOR_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 @dataclass
 class StreamingState:
     """Base class for per-module state. Every tensor field has the batch in dimension 0."""
 
     exec_mask: torch.Tensor  # bool [B]: items that advance on the next step
 
-    def tensor_fields(self) -> list[str]:
-        return [f.name for f in fields(self) if f.name != "exec_mask" and isinstance(getattr(self, f.name), torch.Tensor)]
+    def tensor_fields(self) -> tuple[str, ...]:
+        # Cached per class: a served step walks every module's fields twice, and `fields()` is slow.
+        names = _TENSOR_FIELDS.get(type(self))
+        if names is None:
+            names = tuple(f.name for f in fields(self) if f.name != "exec_mask" and isinstance(getattr(self, f.name), torch.Tensor))
+            _TENSOR_FIELDS[type(self)] = names
+        return names
 
     def reset_from(self, fresh: "StreamingState", mask: torch.Tensor) -> None:
         """Give the items in `mask` the values of `fresh` (a newly initialised state)."""
@@ -124,6 +137,49 @@ class StreamingModule(nn.Module):
             if state is None:
                 raise RuntimeError("set_exec_mask() called outside a streaming context")
             state.exec_mask = mask.to(device=state.exec_mask.device, dtype=torch.bool)
+
+    @contextlib.contextmanager
+    def select_sessions(self, slots: torch.Tensor) -> Iterator[None]:
+        """Stream only the sessions `slots` (distinct int64 indices): a compact batch of len(slots) inside.
+
+        All of them advance (an execution mask set earlier does not apply inside the block).
+
+        Their states are gathered on entry and scattered back on a normal exit. If the block raises, every
+        session keeps the state it had before the block (no half-applied step).
+        """
+        modules = list(self._streaming_modules())
+        full_states = []
+        all_step = None  # every selected session steps: one shared mask (set_exec_mask does not apply inside)
+        for module in modules:
+            state = module._streaming_state
+            if state is None:
+                raise RuntimeError("select_sessions() called outside a streaming context")
+            index = slots.to(state.exec_mask.device)
+            if all_step is None or all_step.device != index.device:
+                all_step = torch.ones(len(index), dtype=torch.bool, device=index.device)
+            compact = replace(state, exec_mask=all_step,
+                              **{name: getattr(state, name).index_select(0, index) for name in state.tensor_fields()})
+            full_states.append((state, index))
+            module._streaming_state = compact
+        try:
+            yield
+        except BaseException:
+            for module, (state, _) in zip(modules, full_states):
+                module._streaming_state = state
+            raise
+        compacts = [module._streaming_state for module in modules]
+        for module, (state, _) in zip(modules, full_states):
+            module._streaming_state = state
+        for module, (state, _), compact in zip(modules, full_states, compacts):  # check all before writing any
+            for name in state.tensor_fields():
+                old, new = getattr(state, name), getattr(compact, name)
+                if old.shape[1:] != new.shape[1:]:
+                    raise StreamingShapeError(
+                        f"{type(module).__name__}: a step of selected sessions must feed whole frames "
+                        f"(state shape would change from {tuple(old.shape[1:])} to {tuple(new.shape[1:])})")
+        for (state, index), compact in zip(full_states, compacts):
+            for name in state.tensor_fields():
+                setattr(state, name, getattr(state, name).index_copy(0, index, getattr(compact, name)))
 
     def _new_exec_mask(self, batch_size: int) -> torch.Tensor:
         device = next(iter(self.parameters()), torch.empty(0)).device

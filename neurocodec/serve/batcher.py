@@ -3,11 +3,14 @@
 One codec instance serves every session of a model. Its encoder and decoder stay inside
 `streaming(max_streams)` contexts for the server's lifetime; each session owns one batch slot of that
 state. A single worker thread repeatedly takes every session that has a whole frame buffered (and room
-in its output queue), builds one `[max_streams, 1, frame_size]` batch (zeros in idle slots), sets the
-execution mask to the ready slots and runs ONE `encode_step`; likewise one `decode_step` per distinct
-codebook count among ready decode sessions. Idle slots keep their state untouched (`set_exec_mask`), a
-new session's slot is `reset_streaming`-ed before its first step, and a session's output goes back to
-its event loop through `call_soon_threadsafe`.
+in its output queue), stacks their frames into one `[ready, 1, frame_size]` batch and runs ONE
+`encode_step` on just those slots (`select_sessions`); likewise one `decode_step` per distinct codebook
+count among ready decode sessions. A step costs what its ready sessions cost, not `max_streams` of them;
+idle slots keep their state untouched, a new session's slot is `reset_streaming`-ed before its first
+step, and a session's output goes back to its event loop through `call_soon_threadsafe`.
+
+The batch grows with the load by itself: while a step runs, the frames of other sessions arrive, and
+the next step takes them all (continuous batching; no timer waits for a batch to fill).
 
 With `batching=False` the worker steps sessions one by one, each with its own batch-1 state swapped into
 the modules (what a server without cross-stream batching does) - kept for the benchmark's comparison.
@@ -64,11 +67,13 @@ class SlotsFull(ServeError):
 class Worker:
     """Owns one codec's streaming state for `max_streams` encode and `max_streams` decode sessions."""
 
-    def __init__(self, codec, max_streams: int, batching: bool = True, max_outstanding: int = 250) -> None:
+    def __init__(self, codec, max_streams: int, batching: bool = True, max_outstanding: int = 250,
+                 max_frames_per_step: int = 8) -> None:
         self.codec = codec
         self.max_streams = max_streams
         self.batching = batching
         self.max_outstanding = max_outstanding
+        self.max_frames_per_step = max_frames_per_step
         self.frame_size = codec.frame_size
         self.total_codebooks = codec.total_codebooks
         codec.set_num_codebooks(codec.total_codebooks)  # sessions take a prefix (code order is prefix-stable)
@@ -87,6 +92,12 @@ class Worker:
     # -- lifetime -----------------------------------------------------------------------------------
     def start(self) -> None:
         """Open the streaming contexts, warm the model up (blocking), then start the worker thread."""
+        self.open_streams()
+        self._thread = threading.Thread(target=self._run, name="neurocodec-worker", daemon=True)
+        self._thread.start()
+
+    def open_streams(self) -> None:
+        """Open the streaming contexts and warm the model up; `_step` may then be called (tests drive it)."""
         batch = self.max_streams if self.batching else 1
         for module in self.modules.values():
             ctx = module.streaming(batch)
@@ -98,8 +109,6 @@ class Worker:
                 self.codec.decode_step(codes)
             for module in self.modules.values():
                 module.reset_streaming()
-        self._thread = threading.Thread(target=self._run, name="neurocodec-worker", daemon=True)
-        self._thread.start()
 
     def stop(self) -> None:
         self._stop = True
@@ -175,47 +184,62 @@ class Worker:
                             s.loop.call_soon_threadsafe(s._deliver, ServeError(grpc.StatusCode.INTERNAL, f"model worker failed: {err}"))
             raise
 
-    def _take_input(self, s: Session):
-        """Pop one step's input of a ready session (caller holds the lock), or None."""
-        if s.closed or s.finished or s.outstanding >= s.max_outstanding:
-            return None
+    def _frames_ready(self, s: Session) -> int:
+        """Whole frames a session could step now (caller holds the lock); 0 when it is not ready."""
+        if s.closed or s.finished:
+            return 0
+        room = s.max_outstanding - s.outstanding
         if s.kind == "encode":
-            if s.pending_len < self.frame_size and not (s.ended and s.pending_len > 0):
-                return None
+            whole = s.pending_len // self.frame_size
+            if whole == 0 and s.ended and s.pending_len > 0:
+                whole = 1  # end of stream: the partial last frame, zero-padded
+        else:
+            whole = s.pending_len
+        return max(0, min(whole, room))
+
+    def _take_input(self, s: Session, frames: int):
+        """Pop `frames` frames of input of a session (caller holds the lock): audio [frames * frame_size]
+        for encode (the partial last frame zero-padded, as offline encode pads), codes [K, frames] for decode."""
+        if s.kind == "encode":
+            want = frames * self.frame_size
             data = np.concatenate(s.pending) if len(s.pending) > 1 else s.pending[0]
-            frame, rest = data[: self.frame_size], data[self.frame_size:]
+            chunk, rest = data[:want], data[want:]
             s.pending = [rest] if rest.size else []
             s.pending_len = rest.size
-            if frame.size < self.frame_size:  # end of stream: zero-pad the partial frame (as offline encode)
-                frame = np.pad(frame, (0, self.frame_size - frame.size))
-            return frame
-        if s.pending_len == 0:
-            return None
-        first = s.pending[0]
-        frame = first[:, :1]
-        if first.shape[1] > 1:
-            s.pending[0] = first[:, 1:]
-        else:
-            s.pending.pop(0)
-        s.pending_len -= 1
-        return frame
+            if chunk.size < want:
+                chunk = np.pad(chunk, (0, want - chunk.size))
+            return chunk
+        data = np.concatenate(s.pending, axis=1) if len(s.pending) > 1 else s.pending[0]
+        chunk, rest = data[:, :frames], data[:, frames:]
+        s.pending = [rest] if rest.shape[1] else []
+        s.pending_len = rest.shape[1]
+        return chunk
 
     def _step(self, kind: str) -> bool:
-        """One batched step over every ready session of `kind`; False when none was ready."""
+        """One batched step over every ready session of `kind`; False when none was ready.
+
+        Every ready session advances by the same number of frames: one in the steady state, more when all
+        of them have fallen behind (up to `max_frames_per_step`), so a saturated worker catches up with
+        fewer, longer steps instead of paying the fixed per-step cost once per 20 ms frame.
+        """
         with self.lock:
             resets = sorted(self.to_reset[kind])
             self.to_reset[kind].clear()
-            ready = []
+            candidates = []
             for s in self.slots[kind]:
                 if s is None:
                     continue
-                item = self._take_input(s)
-                if item is not None:
-                    ready.append((s, item))
-                    s.outstanding += 1
+                available = self._frames_ready(s)
+                if available:
+                    candidates.append((s, available))
                 elif s.ended and not s.finished and s.pending_len == 0 and not s.closed:
                     s.finished = True
                     s.loop.call_soon_threadsafe(s._deliver, END)
+            frames = min([a for _, a in candidates] + [self.max_frames_per_step])
+            ready = []
+            for s, _ in candidates:
+                ready.append((s, self._take_input(s, frames)))
+                s.outstanding += frames
         module = self.modules[kind]
         if resets and self.batching:
             mask = torch.zeros(self.max_streams, dtype=torch.bool)
@@ -228,45 +252,41 @@ class Worker:
         else:
             outputs = [self._single(kind, s, item) for s, item in ready]
         self.steps[kind] += 1
-        self.frames[kind] += len(ready)
+        self.frames[kind] += len(ready) * frames
         for (s, _), out in zip(ready, outputs):
-            index = s.next_index
-            s.next_index += 1
-            s.loop.call_soon_threadsafe(s._deliver, (index, out))
+            for t in range(frames):  # one output per frame: [K] codes or [frame_size] audio (own copies)
+                one = out[:, t] if kind == "encode" else out[t * self.frame_size:(t + 1) * self.frame_size]
+                s.loop.call_soon_threadsafe(s._deliver, (s.next_index, one.copy()))
+                s.next_index += 1
         return True
 
     def _batched(self, kind: str, ready: list) -> list[np.ndarray]:
+        """Encode: codes [K_session, frames] per session; decode: audio [frames * frame_size] per session."""
         module = self.modules[kind]
         if kind == "encode":
-            x = torch.zeros(self.max_streams, 1, self.frame_size)
-            slots = [s.slot for s, _ in ready]
-            x[slots, 0] = torch.from_numpy(np.stack([item for _, item in ready]))
-            module.set_exec_mask(self._mask(slots))
-            codes = self.codec.encode_step(x)[:, :, 0].numpy()  # [B, K]
-            return [codes[s.slot, : s.num_codebooks].copy() for s, _ in ready]
-        # decode: sessions may use different codebook counts -> one step per count, the others masked
+            x = torch.from_numpy(np.stack([item for _, item in ready])).unsqueeze(1)  # [ready, 1, samples]
+            with module.select_sessions(self._slots(ready)):
+                codes = self.codec.encode_step(x).numpy()  # [ready, K, frames]
+            return [codes[i, : s.num_codebooks] for i, (s, _) in enumerate(ready)]
+        # decode: sessions may use different codebook counts -> one step per count
         results: dict[int, np.ndarray] = {}
         for k in sorted({s.num_codebooks for s, _ in ready}):
             group = [(s, item) for s, item in ready if s.num_codebooks == k]
-            codes = torch.zeros(self.max_streams, k, 1, dtype=torch.long)
-            slots = [s.slot for s, _ in group]
-            codes[slots] = torch.from_numpy(np.stack([item for _, item in group]))
-            module.set_exec_mask(self._mask(slots))
-            wav = self.codec.decode_step(codes)[:, 0].numpy()  # [B, frame_size]
-            for s, _ in group:
-                results[id(s)] = wav[s.slot].copy()
+            codes = torch.from_numpy(np.stack([item for _, item in group]))  # [group, k, frames]
+            with module.select_sessions(self._slots(group)):
+                wav = self.codec.decode_step(codes)[:, 0].numpy()  # [group, frames * frame_size]
+            for i, (s, _) in enumerate(group):
+                results[id(s)] = wav[i]
         return [results[id(s)] for s, _ in ready]
+
+    @staticmethod
+    def _slots(ready: list) -> torch.Tensor:
+        return torch.tensor([s.slot for s, _ in ready], dtype=torch.long)
 
     def _single(self, kind: str, s: Session, item: np.ndarray) -> np.ndarray:
         module = self.modules[kind]
         for m, state in zip(module._streaming_modules(), s.private_state):
             m._streaming_state = state  # swap this session's own state in (states are updated in place)
         if kind == "encode":
-            codes = self.codec.encode_step(torch.from_numpy(item).view(1, 1, -1))
-            return codes[0, : s.num_codebooks, 0].numpy().copy()
-        return self.codec.decode_step(torch.from_numpy(item).unsqueeze(0))[0, 0].numpy().copy()
-
-    def _mask(self, slots: list[int]) -> torch.Tensor:
-        mask = torch.zeros(self.max_streams, dtype=torch.bool)
-        mask[slots] = True
-        return mask
+            return self.codec.encode_step(torch.from_numpy(item).view(1, 1, -1))[0, : s.num_codebooks].numpy()
+        return self.codec.decode_step(torch.from_numpy(item).unsqueeze(0))[0, 0].numpy()
