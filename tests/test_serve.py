@@ -175,14 +175,15 @@ def test_a_lone_session_costs_one_slot_not_all(server_a, codec, clips, monkeypat
     assert batch_sizes["decode"] and set(batch_sizes["decode"]) == {1}
 
 
-def test_sessions_that_fell_behind_catch_up_in_multi_frame_steps(codec, clips):
+@pytest.mark.parametrize("batching", [True, False])
+def test_sessions_that_fell_behind_catch_up_in_multi_frame_steps(codec, clips, batching):
     """Backlogged sessions advance several frames per step; outputs still equal offline, frame by frame."""
     import copy
 
     from neurocodec.serve.batcher import END, Worker
 
     model = copy.deepcopy(codec)
-    worker = Worker(model, max_streams=4, max_frames_per_step=4)
+    worker = Worker(model, max_streams=4, batching=batching, max_frames_per_step=4)
     worker.open_streams()  # no worker thread: the test steps it
     loop = asyncio.new_event_loop()
     fs = worker.frame_size

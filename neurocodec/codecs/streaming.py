@@ -46,7 +46,8 @@ class StreamingState:
     exec_mask: torch.Tensor  # bool [B]: items that advance on the next step
 
     def tensor_fields(self) -> tuple[str, ...]:
-        # Cached per class: a served step walks every module's fields twice, and `fields()` is slow.
+        # Cached per class: a served step walks every module's fields twice, and `fields()` is slow. This
+        # assumes a field is a tensor in every instance of its class (true of all states here; none is optional).
         names = _TENSOR_FIELDS.get(type(self))
         if names is None:
             names = tuple(f.name for f in fields(self) if f.name != "exec_mask" and isinstance(getattr(self, f.name), torch.Tensor))
@@ -179,7 +180,9 @@ class StreamingModule(nn.Module):
                         f"(state shape would change from {tuple(old.shape[1:])} to {tuple(new.shape[1:])})")
         for (state, index), compact in zip(full_states, compacts):
             for name in state.tensor_fields():
-                setattr(state, name, getattr(state, name).index_copy(0, index, getattr(compact, name)))
+                # In place: the full state tensors belong to this state alone, and copying them whole would make
+                # a step's cost grow with the number of slots again.
+                getattr(state, name).index_copy_(0, index, getattr(compact, name))
 
     def _new_exec_mask(self, batch_size: int) -> torch.Tensor:
         device = next(iter(self.parameters()), torch.empty(0)).device
