@@ -81,47 +81,6 @@ def test_transformer_context_is_bounded():
         assert not torch.allclose(module(x)[..., 8], module(y)[..., 8])
 
 
-def test_exec_mask_keeps_state_and_sessions_are_independent():
-    torch.manual_seed(1)
-    net = torch.nn.Sequential(StreamingConv1d(1, 4, 7), torch.nn.ELU(), StreamingConv1d(4, 4, 4, stride=2),
-                              StreamingConvTranspose1d(4, 2, 4, stride=2), StreamingLSTM(2, 1)).eval()
-    from neurocodec.codecs.streaming import StreamingContainer
-
-    class Wrap(StreamingContainer):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return self.net(x)
-
-    model = Wrap().eval()
-    frame, n_frames, batch = 4, 9, 3
-    signals = torch.randn(batch, 1, frame * n_frames)
-    with torch.no_grad():
-        expected = [model(signals[b:b + 1]) for b in range(batch)]
-        rng = random.Random(0)
-        produced = [[] for _ in range(batch)]
-        position = [0] * batch
-        with model.streaming(batch):
-            while min(position) < n_frames:
-                mask = torch.tensor([position[b] < n_frames and rng.random() < 0.6 for b in range(batch)])
-                if not mask.any():
-                    continue
-                model.set_exec_mask(mask)
-                chunk = torch.zeros(batch, 1, frame)
-                for b in range(batch):
-                    if mask[b]:
-                        chunk[b] = signals[b, :, position[b] * frame:(position[b] + 1) * frame]
-                out = model(chunk)
-                for b in range(batch):
-                    if mask[b]:
-                        produced[b].append(out[b:b + 1])
-                        position[b] += 1
-        for b in range(batch):
-            torch.testing.assert_close(torch.cat(produced[b], dim=-1), expected[b], atol=1e-6, rtol=0)
-
-
 def _stateful_net():
     from neurocodec.codecs.streaming import StreamingContainer
 
@@ -144,36 +103,64 @@ def _states(model):
             for m in model._streaming_modules()]
 
 
-def test_selected_sessions_step_alone_and_equal_offline():
-    """A server steps only the sessions with input: compact batches of chosen slots, the rest untouched."""
-    torch.manual_seed(3)
-    model = _stateful_net()
+def _check_random_sessions(model, step, seed):
+    """Drive 6 sessions frame by frame, a random subset (in random order) stepping each time through
+    `step(chosen, chunks) -> outputs`; each session's output must equal its offline output, and the state of
+    the sessions that did not step must stay bitwise the same."""
+    torch.manual_seed(seed)
     frame, n_frames, slots = 4, 10, 6
     signals = torch.randn(slots, 1, frame * n_frames)
     with torch.no_grad():
         expected = [model(signals[b:b + 1]) for b in range(slots)]
-        rng = random.Random(1)
+        rng = random.Random(seed)
         produced = [[] for _ in range(slots)]
         position = [0] * slots
         with model.streaming(slots):
             while min(position) < n_frames:
                 chosen = [b for b in range(slots) if position[b] < n_frames and rng.random() < 0.5]
-                rng.shuffle(chosen)  # any order of slots
+                rng.shuffle(chosen)
                 if not chosen:
                     continue
                 before = _states(model)
-                chunk = torch.cat([signals[b:b + 1, :, position[b] * frame:(position[b] + 1) * frame] for b in chosen])
-                with model.select_sessions(torch.tensor(chosen)):
-                    out = model(chunk)
-                assert out.shape[0] == len(chosen)  # the step ran on the chosen sessions only
+                chunks = [signals[b:b + 1, :, position[b] * frame:(position[b] + 1) * frame] for b in chosen]
+                outputs = step(chosen, chunks)
                 after = _states(model)
-                for b in set(range(slots)) - set(chosen):  # idle sessions: bitwise the same state
+                for b in set(range(slots)) - set(chosen):
                     assert all(torch.equal(a[k][b], o[k][b]) for a, o in zip(after, before) for k in a)
-                for i, b in enumerate(chosen):
-                    produced[b].append(out[i:i + 1])
+                for b, out in zip(chosen, outputs):
+                    produced[b].append(out)
                     position[b] += 1
         for b in range(slots):
             torch.testing.assert_close(torch.cat(produced[b], dim=-1), expected[b], atol=1e-6, rtol=0)
+
+
+def test_exec_mask_keeps_state_and_sessions_are_independent():
+    """One step over the whole batch; items outside the mask are fed zeros and keep their state."""
+    model = _stateful_net()
+
+    def step(chosen, chunks):
+        mask = torch.zeros(6, dtype=torch.bool)
+        mask[chosen] = True
+        model.set_exec_mask(mask)
+        batch = torch.zeros(6, 1, chunks[0].shape[-1])
+        batch[chosen] = torch.cat(chunks)
+        out = model(batch)
+        return [out[b:b + 1] for b in chosen]
+
+    _check_random_sessions(model, step, seed=1)
+
+
+def test_selected_sessions_step_alone_and_equal_offline():
+    """A server steps only the sessions with input: compact batches of chosen slots, the rest untouched."""
+    model = _stateful_net()
+
+    def step(chosen, chunks):
+        with model.select_sessions(torch.tensor(chosen)):
+            out = model(torch.cat(chunks))
+        assert out.shape[0] == len(chosen)  # the step ran on the chosen sessions only
+        return [out[i:i + 1] for i in range(len(chosen))]
+
+    _check_random_sessions(model, step, seed=3)
 
 
 def test_selected_step_that_fails_changes_no_session():
