@@ -139,6 +139,25 @@ def test_resume_is_exact(tmp_path):
     assert any(k.startswith("ema.") for k in a["state_dict"])
 
 
+def test_resume_with_other_loss_resolutions(tmp_path):
+    """Fine-tuning a run with a finer mel loss: the loss filterbanks come from the new config, the learnt
+    weights and optimiser state from the checkpoint (the filterbanks' shapes used to make loading fail)."""
+    fit(config("grvq_4cb", "trainer.max_steps=2"), tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    before = _state(ckpt)["state_dict"]
+    finer = ("loss.mel_windows=[64,256,1024,2048]", "loss.mel_bins=[10,40,80,320]", "loss.stft_n_ffts=[1024]")
+    _, resumed, _ = fit(config("grvq_4cb", "trainer.max_steps=3", *finer), tmp_path / "run", ckpt_path=str(ckpt))
+    assert int(resumed.gen_step) == 3
+    assert len(resumed.mel_loss.mels) == 4 and resumed.mel_loss.mels[3].mel_scale.fb.shape[1] == 320
+    after = _state(ckpt)["state_dict"]
+    assert after["mel_loss.mels.3.mel_scale.fb"].shape[1] == 320
+    assert "mel_loss.mels.3.mel_scale.fb" not in before
+    # it trained on from the checkpoint, not from scratch: one step moves the weights only a little
+    name = "codec.decoder.model.0.conv.parametrizations.weight.original1"
+    moved = (after[name] - before[name]).norm() / before[name].norm()
+    assert 0 < moved < 0.5, float(moved)
+
+
 def test_export_loads_and_encodes_with_validation_metrics(tmp_path):
     cfg = config("grvq_4cb", "trainer.max_steps=2", "trainer.val_every=2", "trainer.log_every=1")
     _, module, export = fit(cfg, tmp_path / "run", loggers=True)

@@ -321,6 +321,17 @@ class CodecTrainingModule(L.LightningModule):
         extra = checkpoint.get("neurocodec") or {}
         if "rng" in extra:
             self._pending_rng = extra["rng"]
+        # The losses' buffers (mel filterbanks, windows) follow from the loss config and are not learnt: take
+        # this run's, so that a run can resume with other loss resolutions (e.g. fine-tuning with a finer mel
+        # loss) instead of failing on filterbank shapes.
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            for name in [k for k in state if k.startswith(_DERIVED_PREFIXES)]:
+                del state[name]
+            state.update({k: v for k, v in self.state_dict().items() if k.startswith(_DERIVED_PREFIXES)})
+
+
+_DERIVED_PREFIXES = ("mel_loss.", "stft_loss.")  # buffers computed from the config (see on_load_checkpoint)
 
 
 def _get_rng_state() -> dict:
