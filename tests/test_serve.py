@@ -145,6 +145,9 @@ def test_stream_decode_equals_offline_decode(server_a, codec, clips, tmp_path):
         np.testing.assert_allclose(client.decode(codes), expected, atol=1e-4, rtol=0)
         half = np.concatenate(list(client.stream_decode([codes[:2]], num_codebooks=2)))
         np.testing.assert_allclose(half, codec.decode(torch.from_numpy(codes[:2]).unsqueeze(0))[0, 0].numpy(), atol=1e-4)
+        # audio out at another rate: the whole resampled signal, its tail (the resampler's flush) included
+        at_24k = np.concatenate(list(client.stream_decode([codes], frames_per_message=5, sample_rate=24000)))
+        np.testing.assert_allclose(at_24k, AF.resample(torch.from_numpy(expected), SR, 24000).numpy(), atol=1e-4, rtol=0)
     npy, out = tmp_path / "codes.npy", tmp_path / "out.wav"
     np.save(npy, codes.astype(np.int32))
     assert cli_main(["stream-decode", str(npy), "--server", f"127.0.0.1:{server_a.port}", "-o", str(out)]) == 0

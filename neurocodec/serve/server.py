@@ -9,6 +9,7 @@ offline copy of the model in a thread, so they never touch the sessions' streami
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import logging
@@ -228,148 +229,153 @@ class CodecServicer(pb_grpc.CodecServicer):
             self.active -= 1
             event("session_end", kind=kind, session=label, status=status, seconds=round(time.monotonic() - start, 3))
 
-    # -- StreamEncode --------------------------------------------------------------------------------------
-    async def StreamEncode(self, request_iterator, context):
-        start = time.monotonic()
-        it = request_iterator.__aiter__()
+    # -- streaming calls: what StreamEncode and StreamDecode share --------------------------------------------
+    async def _open_stream(self, kind: str, it, context, start: float, configure):
+        """Admit a streaming call and take a slot. `configure(cfg, model)` checks the call's own config fields
+        and returns what the call needs later; any bad config aborts the call before a slot is taken.
+
+        Returns (cfg, model, session, settings). The caller owns the slot from here on and must close it."""
         try:
             self._admit()
-            cfg = await self._first(it, "StreamEncode", start)
+            cfg = await self._first(it, f"Stream{kind.capitalize()}", start)
             model = self._model(cfg.model)
-            check_rate(cfg.sample_rate_hz)
-            fmt = check_format(cfg.format)
-            channels = check_channels(cfg.channels)
+            settings = configure(cfg, model)
             k = self._num_codebooks(model, cfg.num_codebooks)
-            session = model.worker.open("encode", k, asyncio.get_running_loop())
+            session = model.worker.open(kind, k, asyncio.get_running_loop())
         except ServeError as err:
-            event("session_rejected", logging.WARNING, kind="encode", code=err.code.name, message=err.message)
+            event("session_rejected", logging.WARNING, kind=kind, code=err.code.name, message=err.message)
             await context.abort(err.code, err.message)
-        worker = model.worker
-        reader = None
-        try:  # from here on the slot is ours: whatever happens, `finally` frees it
+        return cfg, model, session, settings
+
+    async def _read_client(self, it, start: float, worker: Worker, session, carries: str, to_input, max_buffered: int,
+                           flush=None) -> None:
+        """A session's reader task: each client message -> `to_input(msg)` -> the worker, with backpressure, then
+        `flush()`'s tail and END. Errors go to the session's queue: they end this session and no other."""
+        try:
+            while (msg := await self._next(it, start)) is not None:
+                if msg.WhichOneof("request") != carries:
+                    raise invalid(f"config may only be sent once, as the first message; later messages carry {carries}")
+                data = to_input(msg)
+                if data is not None:
+                    worker.push(session, data)
+                while worker.buffered(session) > max_buffered:  # backpressure: stop reading this client
+                    await asyncio.sleep(0.005)
+            tail = flush() if flush is not None else None
+            if tail is not None:
+                worker.push(session, tail)
+            worker.end(session)
+        except ServeError as err:
+            session.queue.put_nowait(err)
+        except (asyncio.CancelledError, grpc.RpcError):
+            raise
+        except Exception as err:  # noqa: BLE001 - a bug must end this session only
+            session.queue.put_nowait(ServeError(grpc.StatusCode.INTERNAL, f"internal error: {err!r}"))
+
+    async def _stream(self, kind: str, context, cfg, model: ServedModel, session, reader_factory, body_factory):
+        """Run an admitted session: tell the client, start its reader, yield `body_factory(reader)`'s responses;
+        whatever happens, stop the reader and free the slot."""
+        worker, reader = model.worker, None
+        try:
             label = self._label(cfg.session_id)
             # Initial metadata tells the client its session was admitted: clients may wait for it before
             # sending audio (see client._bidi), so a rejection is never reported as a failed write.
             await context.send_initial_metadata((("x-neurocodec-session", label),))
-            rate = model.offline.sample_rate
-            resampler = StreamingResampler(cfg.sample_rate_hz, rate) if cfg.sample_rate_hz != rate else None
-            frame_rate = model.offline.frame_rate
-            max_buffered = int(self.options.max_buffered_s * rate)
-
-            async def read():
-                try:
-                    while True:
-                        msg = await self._next(it, start)
-                        if msg is None:
-                            break
-                        which = msg.WhichOneof("request")
-                        if which != "audio":
-                            raise invalid("config may only be sent once, as the first message; later messages carry audio")
-                        samples = bytes_to_audio(msg.audio, fmt, channels)
-                        if resampler is not None:
-                            samples = resampler.push(samples)
-                        if samples.size:
-                            worker.push(session, samples)
-                        while worker.buffered(session) > max_buffered:  # backpressure: stop reading this client
-                            await asyncio.sleep(0.005)
-                    if resampler is not None:
-                        tail = resampler.flush()
-                        if tail.size:
-                            worker.push(session, tail)
-                    worker.end(session)
-                except ServeError as err:
-                    session.queue.put_nowait(err)
-                except (asyncio.CancelledError, grpc.RpcError):
-                    raise
-                except Exception as err:  # noqa: BLE001 - a bug must end this session only
-                    session.queue.put_nowait(ServeError(grpc.StatusCode.INTERNAL, f"internal error: {err!r}"))
-
-            reader = asyncio.create_task(read())
-
-            async def body():
-                async for batch in self._pump(worker, session, reader):
-                    yield pb.StreamEncodeResponse(frames=[
-                        pb.TokenFrame(index=i, time_offset_s=i / frame_rate, tokens=codes.tolist()) for i, codes in batch])
-
-            async for response in self._run_session(context, "encode", label, model, body()):
-                yield response
+            reader = asyncio.create_task(reader_factory())
+            responses = self._run_session(context, kind, label, model, body_factory(reader))
+            async with contextlib.aclosing(responses):
+                async for response in responses:
+                    yield response
         finally:
             if reader is not None:
                 reader.cancel()
             worker.close(session)
+
+    @staticmethod
+    def _present(data) -> object | None:
+        """None for an empty chunk (nothing to push)."""
+        return data if data.shape[-1] else None
+
+    # -- StreamEncode --------------------------------------------------------------------------------------
+    async def StreamEncode(self, request_iterator, context):
+        start = time.monotonic()
+        it = request_iterator.__aiter__()
+
+        def configure(cfg, model):
+            check_rate(cfg.sample_rate_hz)
+            rate = model.offline.sample_rate
+            resampler = StreamingResampler(cfg.sample_rate_hz, rate) if cfg.sample_rate_hz != rate else None
+            return check_format(cfg.format), check_channels(cfg.channels), resampler
+
+        cfg, model, session, (fmt, channels, resampler) = await self._open_stream("encode", it, context, start, configure)
+        # Nothing from here to self._stream may raise: the slot is only freed there.
+        worker = model.worker
+        frame_rate = model.offline.frame_rate
+
+        def to_input(msg):
+            samples = bytes_to_audio(msg.audio, fmt, channels)
+            return self._present(resampler.push(samples) if resampler is not None else samples)
+
+        def flush():
+            return self._present(resampler.flush()) if resampler is not None else None
+
+        def reader():
+            return self._read_client(it, start, worker, session, "audio", to_input,
+                                     int(self.options.max_buffered_s * model.offline.sample_rate), flush)
+
+        async def body(reader_task):
+            async for batch in self._pump(worker, session, reader_task):
+                yield pb.StreamEncodeResponse(frames=[
+                    pb.TokenFrame(index=i, time_offset_s=i / frame_rate, tokens=codes.tolist()) for i, codes in batch])
+
+        # aclosing: when the call ends early, the session's cleanup runs now, not when the generator is collected
+        responses = self._stream("encode", context, cfg, model, session, reader, body)
+        async with contextlib.aclosing(responses):
+            async for response in responses:
+                yield response
 
     # -- StreamDecode --------------------------------------------------------------------------------------
     async def StreamDecode(self, request_iterator, context):
         start = time.monotonic()
         it = request_iterator.__aiter__()
-        try:
-            self._admit()
-            cfg = await self._first(it, "StreamDecode", start)
-            model = self._model(cfg.model)
-            out_rate = cfg.sample_rate_hz or model.offline.sample_rate
-            check_rate(out_rate)
-            fmt = check_format(cfg.format, allow_unspecified=True)
-            k = self._num_codebooks(model, cfg.num_codebooks)
-            session = model.worker.open("decode", k, asyncio.get_running_loop())
-        except ServeError as err:
-            event("session_rejected", logging.WARNING, kind="decode", code=err.code.name, message=err.message)
-            await context.abort(err.code, err.message)
-        worker = model.worker
-        reader = None
-        try:  # from here on the slot is ours: whatever happens, `finally` frees it
-            label = self._label(cfg.session_id)
-            # Initial metadata tells the client its session was admitted: clients may wait for it before
-            # sending audio (see client._bidi), so a rejection is never reported as a failed write.
-            await context.send_initial_metadata((("x-neurocodec-session", label),))
+
+        def configure(cfg, model):
             rate = model.offline.sample_rate
+            out_rate = cfg.sample_rate_hz or rate
+            check_rate(out_rate)
             resampler = StreamingResampler(rate, out_rate) if out_rate != rate else None
-            cards = model.offline.quantizer.cardinalities
-            max_buffered = max(1, int(self.options.max_buffered_s * model.offline.frame_rate))
+            return check_format(cfg.format, allow_unspecified=True), resampler
 
-            async def read():
-                try:
-                    while True:
-                        msg = await self._next(it, start)
-                        if msg is None:
-                            break
-                        if msg.WhichOneof("request") != "frames":
-                            raise invalid("config may only be sent once, as the first message; later messages carry token frames")
-                        codes = frames_to_codes(msg.frames.frames, k, cards)
-                        if codes.shape[1]:
-                            worker.push(session, codes)
-                        while worker.buffered(session) > max_buffered:
-                            await asyncio.sleep(0.005)
-                    worker.end(session)
-                except ServeError as err:
-                    session.queue.put_nowait(err)
-                except (asyncio.CancelledError, grpc.RpcError):
-                    raise
-                except Exception as err:  # noqa: BLE001
-                    session.queue.put_nowait(ServeError(grpc.StatusCode.INTERNAL, f"internal error: {err!r}"))
+        cfg, model, session, (fmt, resampler) = await self._open_stream("decode", it, context, start, configure)
+        # Nothing from here to self._stream may raise: the slot is only freed there.
+        worker = model.worker
+        cards = model.offline.quantizer.cardinalities
 
-            reader = asyncio.create_task(read())
+        def to_input(msg):
+            return self._present(frames_to_codes(msg.frames.frames, session.num_codebooks, cards))
 
-            async def body():
-                sample = 0
-                async for batch in self._pump(worker, session, reader):
-                    audio = np.concatenate([wav for _, wav in batch])
-                    if resampler is not None:
-                        audio = resampler.push(audio)
-                    yield pb.StreamDecodeResponse(audio=audio_to_bytes(audio, fmt), first_frame=batch[0][0],
-                                                  num_frames=len(batch), first_sample=sample)
-                    sample += audio.size
+        def reader():
+            return self._read_client(it, start, worker, session, "frames", to_input,
+                                     max(1, int(self.options.max_buffered_s * model.offline.frame_rate)))
+
+        async def body(reader_task):
+            sample = 0
+            async for batch in self._pump(worker, session, reader_task):
+                audio = np.concatenate([wav for _, wav in batch])
                 if resampler is not None:
-                    tail = resampler.flush()
-                    if tail.size:
-                        yield pb.StreamDecodeResponse(audio=audio_to_bytes(tail, fmt), first_frame=session.next_index,
-                                                      num_frames=0, first_sample=sample)
+                    audio = resampler.push(audio)
+                yield pb.StreamDecodeResponse(audio=audio_to_bytes(audio, fmt), first_frame=batch[0][0],
+                                              num_frames=len(batch), first_sample=sample)
+                sample += audio.size
+            if resampler is not None:
+                tail = resampler.flush()
+                if tail.size:
+                    yield pb.StreamDecodeResponse(audio=audio_to_bytes(tail, fmt), first_frame=session.next_index,
+                                                  num_frames=0, first_sample=sample)
 
-            async for response in self._run_session(context, "decode", label, model, body()):
+        responses = self._stream("decode", context, cfg, model, session, reader, body)
+        async with contextlib.aclosing(responses):
+            async for response in responses:
                 yield response
-        finally:
-            if reader is not None:
-                reader.cancel()
-            worker.close(session)
 
     # -- unary ------------------------------------------------------------------------------------------------
     async def Encode(self, request, context):
