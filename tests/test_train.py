@@ -23,6 +23,7 @@ import torch
 from neurocodec.codecs.checkpoint import load_codec, read_metadata
 from neurocodec.config import ConfigError
 from neurocodec.data.dataset import AudioSegmentDataset
+from neurocodec.errors import UserError
 from neurocodec.train.datamodule import CodecDataModule
 from neurocodec.train.fit import FitArgs, choose_run_dir, main, resolve_config, run_training
 
@@ -73,9 +74,10 @@ class MelRecorder(L.Callback):
         self.mel.append(float(trainer.callback_metrics["train/mel"]))
 
 
-def fit(cfg, run_dir, ckpt_path=None, loggers=False, callbacks=()):
+def fit(cfg, run_dir, ckpt_path=None, loggers=False, callbacks=(), init_from=None):
     data = FixedBatchData(cfg.data, cfg.model.sample_rate, cfg.model.seanet.hop_length, seed=0)
-    return run_training(cfg, run_dir, ckpt_path=ckpt_path, datamodule=data, extra_callbacks=callbacks, loggers=loggers)
+    return run_training(cfg, run_dir, ckpt_path=ckpt_path, datamodule=data, extra_callbacks=callbacks, loggers=loggers,
+                        init_from=init_from)
 
 
 @pytest.mark.parametrize("name", ["grvq_4cb", "rvq_8cb", "fsq"])
@@ -156,6 +158,37 @@ def test_resume_with_other_loss_resolutions(tmp_path):
     name = "codec.decoder.model.0.conv.parametrizations.weight.original1"
     moved = (after[name] - before[name]).norm() / before[name].norm()
     assert 0 < moved < 0.5, float(moved)
+
+
+def test_fine_tune_from_the_default_model(tmp_path):
+    """--init_from default: a new run (step 0) whose codec, and its weight EMA, start from the shipped weights."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from neurocodec.codecs.checkpoint import DEFAULT_MODEL_PATH, build_codec, save_codec
+
+    shipped = load_file(str(DEFAULT_MODEL_PATH))
+    cfg = config("grvq_4cb", "trainer.max_steps=1")  # the default model's network: grvq_4cb, preset tiny
+    _, module, export = fit(cfg, tmp_path / "ft", init_from="default")
+    assert int(module.gen_step) == 1
+    assert yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())["initialised_from"] == "default"
+    name = "decoder.model.0.conv.parametrizations.weight.original1"
+    fresh = build_codec(cfg.model).state_dict()[name]
+
+    def distance(w):
+        return float((w - shipped[name]).norm() / shipped[name].norm())
+
+    # one step with EMA decay 0.99 moves the exported (EMA) weights ~1% of a step; a fresh model is far off
+    assert distance(load_file(str(export.codec_path))[name]) < 0.05 < 0.5 < distance(fresh)
+    assert torch.equal(module.codec.quantizer.state_dict()["impl.rvqs.0.layers.0._codebook.initted"], torch.tensor(True))
+
+    with pytest.raises(UserError, match="network differs"):
+        fit(config("grvq_4cb", "trainer.max_steps=1", "model.seanet.channels=16"), tmp_path / "wide", init_from="default")
+    folded = save_codec(load_codec("default"), tmp_path / "folded.safetensors")
+    with pytest.raises(UserError, match="saved for inference"):
+        fit(cfg, tmp_path / "f", init_from=str(folded))
+    with pytest.raises(ConfigError, match="give one"):
+        main(["--config", "grvq_4cb", "--init_from", "default", "--ckpt_path", str(tmp_path / "x.ckpt")])
 
 
 def test_export_loads_and_encodes_with_validation_metrics(tmp_path):

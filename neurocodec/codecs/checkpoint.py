@@ -131,6 +131,40 @@ def read_metadata(path: str | Path) -> dict:
         return dict(f.metadata() or {})
 
 
+def load_weights_for_training(codec: torch.nn.Module, spec: str | Path) -> dict:
+    """Fine-tuning: copy the weights of a codec file (`default`, or a `.safetensors` that training exported)
+    into a freshly built training codec with the same network. Returns the file's metadata.
+
+    Only weights move; the run's config (losses, optimiser, quantizer decay, ...) is the run's own. The
+    network must be the same: the default model is `grvq_4cb` with `--preset tiny`."""
+    spec = str(spec)
+    path = DEFAULT_MODEL_PATH if spec == DEFAULT_MODEL else Path(spec)
+    if not path.is_file():
+        raise UserError(f"--init_from {spec}: {path} does not exist")
+    try:
+        meta = read_metadata(path)
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"--init_from {spec}: not a readable safetensors codec ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"--init_from {spec}: not a neurocodec codec file (metadata format={meta.get('format')!r})")
+    if meta.get("weight_norm_folded") == "true":
+        raise UserError(f"--init_from {spec}: this file was saved for inference (weight norm folded into the weights); "
+                        "fine-tune from a file that training exported (runs/NAME/codec.safetensors) or from `default`")
+    own = codec.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        detail = "; ".join(f"{what} {names[:3]}" for what, names in
+                           (("missing", missing), ("unexpected", unexpected), ("other shapes", reshaped)) if names)
+        raise UserError(f"--init_from {spec}: its network differs from the one this config builds ({detail}). "
+                        f"It was trained from config {meta.get('config_name', '?')!r}; use the same model section "
+                        "(for `default`: --config grvq_4cb --preset tiny)")
+    codec.load_state_dict(state)
+    return meta
+
+
 def load_checkpoint(path: str | Path, device: str = "cpu") -> torch.nn.Module:
     path = Path(path)
     try:

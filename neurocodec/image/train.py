@@ -226,6 +226,7 @@ def resolve_image_config(args) -> ImageTrainConfig:
     name = args.config or str(run_dir_of_checkpoint(Path(args.ckpt_path)) / "config.yaml")
     raw = load_config(name, None if from_saved else args.preset, args.overrides)
     raw.pop("resumed_from", None)
+    raw.pop("initialised_from", None)
     if from_saved and args.preset is None:
         raw["preset"] = (yaml.safe_load(Path(name).read_text()) or {}).get("preset")
     try:
@@ -235,8 +236,8 @@ def resolve_image_config(args) -> ImageTrainConfig:
 
 
 def run_image_training(config: ImageTrainConfig, run_dir: Path, ckpt_path: str | None = None, loggers: bool = True,
-                       extra_callbacks=()):
-    from ..codecs.checkpoint import build_codec
+                       extra_callbacks=(), init_from: str | None = None):
+    from ..codecs.checkpoint import build_codec, load_weights_for_training
     from ..train.fit import fit_in_run_dir, world_size
 
     run_dir = Path(run_dir)
@@ -245,10 +246,12 @@ def run_image_training(config: ImageTrainConfig, run_dir: Path, ckpt_path: str |
     world = world_size(config.trainer)
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
     codec = build_codec(config.model, sync_codebook=world > 1, name=run_dir.name)
+    if init_from is not None:  # fine-tuning (see --init_from in train/fit.py)
+        load_weights_for_training(codec, init_from)
     module = ImageTrainingModule(config, codec)
     datamodule = ImageDataModule(config.data, codec.downsample, seed=config.trainer.seed)
     trainer, export = build_trainer(config, run_dir, world, extra_callbacks, loggers)
-    fit_in_run_dir(trainer, module, datamodule, config, run_dir, ckpt_path)
+    fit_in_run_dir(trainer, module, datamodule, config, run_dir, ckpt_path, init_from)
     return trainer, module, export
 
 
@@ -273,7 +276,7 @@ def main(args) -> int:
         return 0
     run_dir = choose_run_dir(config, args.ckpt_path)
     quiet_lightning()
-    trainer, module, export = run_image_training(config, run_dir, args.ckpt_path)
+    trainer, module, export = run_image_training(config, run_dir, args.ckpt_path, init_from=args.init_from)
     if trainer.is_global_zero:
         m = export.summary.get("metrics", {})
         print(f"\nTrained {int(module.gen_step)} generator steps ({config.name}"

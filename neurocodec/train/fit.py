@@ -25,7 +25,7 @@ from .config import TrainConfig, TrainerConfig, option_help, parse_train_config
 
 RUN_DIR_ENV = "NEUROCODEC_RUN_DIR"  # rank 0 hands its run directory to the DDP processes it launches
 
-USAGE = """usage: python train/fit.py --config NAME [--preset PRESET] [--ckpt_path CKPT] [--print_config]
+USAGE = """usage: python train/fit.py --config NAME [--preset PRESET] [--ckpt_path CKPT | --init_from MODEL] [--print_config]
                          [--SECTION.KEY VALUE ...]
 
 Train a codec. NAME is a config in configs/ (grvq_4cb, rvq_8cb, fsq; '.yaml' optional) or a path.
@@ -35,6 +35,9 @@ Any option below can be given as --SECTION.KEY VALUE or --SECTION.KEY=VALUE (val
   --config NAME        config name or path (may be left out with --ckpt_path: the run's config.yaml is used)
   --preset PRESET      size preset inside the config (e.g. tiny: small network, short CPU run)
   --ckpt_path CKPT     resume exactly from a Lightning checkpoint (e.g. runs/NAME/checkpoints/last.ckpt)
+  --init_from MODEL    fine-tune: a new run (step 0, fresh discriminator and optimisers) whose codec starts
+                       from MODEL's weights: `default` (with --config grvq_4cb --preset tiny) or an exported
+                       runs/NAME/codec.safetensors
   --print_config       print the resolved config and exit
   -h, --help           this help (with --config: also the values the config sets)
 
@@ -49,6 +52,7 @@ class FitArgs:
     config: str | None = None
     preset: str | None = None
     ckpt_path: str | None = None
+    init_from: str | None = None
     print_config: bool = False
     help: bool = False
     overrides: list[str] = dataclasses.field(default_factory=list)
@@ -76,13 +80,15 @@ def parse_args(argv: list[str]) -> FitArgs:
             value = argv[i + 1]
             i += 1
         i += 1
-        if key in ("config", "preset", "ckpt_path"):
+        if key in ("config", "preset", "ckpt_path", "init_from"):
             setattr(args, key, value)
         elif "." in key or key == "stages":  # --stages takes a whole YAML list (multi-stage training)
             args.overrides.append(f"{key}={value}")
         else:
-            raise ConfigError(f"unknown option --{key}; options are --config, --preset, --ckpt_path, --print_config "
+            raise ConfigError(f"unknown option --{key}; options are --config, --preset, --ckpt_path, --init_from, --print_config "
                               f"and --SECTION.KEY (sections: model, data, loss, optim, disc, trainer); see --help")
+    if args.init_from is not None and args.ckpt_path is not None:
+        raise ConfigError("--init_from starts a new run from a model's weights and --ckpt_path resumes a run: give one")
     return args
 
 
@@ -97,6 +103,7 @@ def resolve_config(args: FitArgs) -> TrainConfig:
         args.config, from_saved = str(saved), True
     raw = load_config(args.config, args.preset, args.overrides)
     raw.pop("resumed_from", None)
+    raw.pop("initialised_from", None)
     named = {o.partition("=")[0] for o in args.overrides}
     if from_saved and not named & {"trainer.run_name", "trainer.root_dir"}:
         # The run is the folder the checkpoint is in, even when that folder was copied or moved since
@@ -217,11 +224,12 @@ def build_trainer(config: TrainConfig, run_dir: Path, world: int, extra_callback
 
 
 def run_training(config: TrainConfig, run_dir: Path, ckpt_path: str | None = None, datamodule=None,
-                 extra_callbacks=(), loggers: bool = True):
-    """Build codec, module, data and trainer; fit. Returns (trainer, module, export callback)."""
+                 extra_callbacks=(), loggers: bool = True, init_from: str | None = None):
+    """Build codec, module, data and trainer; fit. Returns (trainer, module, export callback).
+    `init_from`: a codec file whose weights the codec starts from (fine-tuning; see --init_from)."""
     import lightning as L
 
-    from ..codecs.checkpoint import build_codec
+    from ..codecs.checkpoint import build_codec, load_weights_for_training
     from .datamodule import CodecDataModule
     from .module import CodecTrainingModule
 
@@ -232,11 +240,13 @@ def run_training(config: TrainConfig, run_dir: Path, ckpt_path: str | None = Non
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
     label = run_dir.name
     codec = build_codec(config.model, sync_codebook=world > 1, name=label)
+    if init_from is not None:  # before the module: its weight EMA starts from these weights too
+        load_weights_for_training(codec, init_from)
     module = CodecTrainingModule(config, codec)
     if datamodule is None:
         datamodule = CodecDataModule(config.data, codec.sample_rate, codec.frame_size, seed=config.trainer.seed)
     trainer, export = build_trainer(config, run_dir, world, extra_callbacks, loggers)
-    fit_in_run_dir(trainer, module, datamodule, config, run_dir, ckpt_path)
+    fit_in_run_dir(trainer, module, datamodule, config, run_dir, ckpt_path, init_from)
     return trainer, module, export
 
 
@@ -248,12 +258,15 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
 
 
-def fit_in_run_dir(trainer, module, datamodule, config, run_dir: Path, ckpt_path: str | None) -> None:
+def fit_in_run_dir(trainer, module, datamodule, config, run_dir: Path, ckpt_path: str | None,
+                   init_from: str | None = None) -> None:
     """Save the resolved config beside the run (rank 0, atomically), then fit (audio and image runs)."""
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = dataclasses.asdict(config)
         resolved["resumed_from"] = str(ckpt_path) if ckpt_path else None
+        if init_from is not None:
+            resolved["initialised_from"] = str(init_from)
         tmp = run_dir / "config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
         tmp.replace(run_dir / "config.yaml")
@@ -282,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run_dir = choose_run_dir(config, args.ckpt_path)
     quiet_lightning()
-    trainer, module, export = run_training(config, run_dir, args.ckpt_path)
+    trainer, module, export = run_training(config, run_dir, args.ckpt_path, init_from=args.init_from)
     if trainer.is_global_zero:
         s = export.summary
         codec = export.codec_path
