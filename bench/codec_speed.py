@@ -48,6 +48,31 @@ def streaming_round_trip(codec, wav: torch.Tensor, frames_per_chunk: int) -> Non
             codec.decode_step(codec.encode_step(wav[..., start:start + step]))
 
 
+def onnx_streaming_speeds(codec, wav: torch.Tensor, repeats: int) -> dict[str, float]:
+    """x real time of the same streaming round trip through `neurocodec export-onnx` graphs in ONNX Runtime
+    (one thread): for one stream (a static batch-1 graph) with 1- and 5-frame steps."""
+    import tempfile
+
+    from neurocodec.codecs.onnx_streaming import OnnxStreamingCodec, export_streaming_onnx
+
+    audio, speeds = wav.numpy(), {}
+    for frames in (1, 5):
+        with tempfile.TemporaryDirectory() as folder:
+            export_streaming_onnx(codec, folder, frames_per_step=frames, batch_size=1)
+            onnx = OnnxStreamingCodec(folder, threads=1)
+            step = frames * onnx.frame_size
+            usable = audio[..., : audio.shape[-1] // step * step]
+
+            def round_trip() -> None:
+                with onnx.streaming(1):
+                    for start in range(0, usable.shape[-1], step):
+                        onnx.decode_step(onnx.encode_step(usable[..., start:start + step]))
+
+            round_trip()  # warm-up
+            speeds[f"onnx{frames}"] = usable.shape[-1] / 16000 / timed(round_trip, repeats)
+    return speeds
+
+
 def main() -> None:
     parser = arg_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", default="grvq_4cb",
@@ -65,6 +90,7 @@ def main() -> None:
     for frames in (1, 5):
         streaming_round_trip(codec, wav[..., :3200], frames)  # warm-up
         speed[f"stream{frames}"] = seconds / timed(lambda: streaming_round_trip(codec, wav, frames), repeats)
+    speed.update(onnx_streaming_speeds(codec, wav, repeats))
     with torch.no_grad():
         codec.decode(codec.encode(wav))
         speed["offline"] = seconds / timed(lambda: codec.decode(codec.encode(wav)), repeats)
@@ -91,6 +117,10 @@ def main() -> None:
                reference=ref_name, reference_value=ref_speed, target="single_stream_speed"),
         figure("encode+decode, streaming, 100 ms chunks (5 frames)", speed["stream5"], "x real time",
                reference=ref_name, reference_value=ref_speed, target="single_stream_speed"),
+        figure("encode+decode, streaming in ONNX Runtime, 20 ms chunks (1 frame)", speed["onnx1"], "x real time",
+               reference=ref_name, reference_value=ref_speed, target="single_stream_speed"),
+        figure("encode+decode, streaming in ONNX Runtime, 100 ms chunks (5 frames)", speed["onnx5"], "x real time",
+               reference=ref_name, reference_value=ref_speed, target="single_stream_speed"),
         figure("encode+decode, offline (whole clip)", speed["offline"], "x real time",
                reference=ref_name, reference_value=ref_speed, target="single_stream_speed"),
         figure("encode only, exact (float64 encoder)", encode_exact, "x real time",
@@ -100,7 +130,7 @@ def main() -> None:
     ]
     for row in figures:
         ratio = f"  ({row['ratio']:.2f}x the reference)" if row.get("ratio") else ""
-        print(f"{row['metric']:<55} {row['value']:8.1f} {row['unit']}{ratio}")
+        print(f"{row['metric']:<68} {row['value']:8.1f} {row['unit']}{ratio}")
     print(f"reference {ref_name}: {ref_speed:.1f}x real time, {ref_params / 1e6:.1f} M parameters")
     shipped = args.model == "default"
     write_result("codec_speed_default" if shipped else "codec_speed", {
@@ -112,7 +142,9 @@ def main() -> None:
                    else f"{args.model} (config-only weights)", "model_parameters": info["parameters"],
                    "model_bitrate_kbps": info["bitrate_bps"] / 1000, "reference_parameters": ref_params},
         "notes": "Audio: real speech from data/demo. Streaming = encode_step + decode_step per chunk in one "
-                 "session (batch 1); the served case batches many sessions per step (see serve_latency).",
+                 "session (batch 1); the served case batches many sessions per step (see serve_latency). "
+                 "ONNX Runtime rows: the same steps exported by `neurocodec export-onnx --batch-size 1` "
+                 "(float32 encoder; see neurocodec/codecs/onnx_streaming.py).",
     }, quick=args.quick)
 
 

@@ -31,6 +31,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", default=None, metavar="WxH", help="image models: crop the decoded image to this size")
     p.set_defaults(func=cmd_decode)
 
+    p = sub.add_parser("export-onnx", help="the streaming encode/decode steps as ONNX graphs with explicit state",
+                       description="Write encode_step.onnx and decode_step.onnx (one step of F frames; states in and out, "
+                                   "batch in dimension 0), initial_states.npz and streaming.json to a folder. "
+                                   "Run them with neurocodec.codecs.onnx_streaming.OnnxStreamingCodec or any ONNX host.")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--num-codebooks", type=int, default=None, help="keep the first K codebooks (lower bitrate)")
+    p.add_argument("--frames-per-step", type=int, default=1, help="frames per graph call (default 1: one frame of latency)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="export for exactly this many streams: a static graph, faster (default: any number)")
+    p.set_defaults(func=cmd_export_onnx)
+
     p = sub.add_parser("info", help="describe a model: rates, codebooks, bitrate, latency, size")
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -97,13 +109,14 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_codes(path: str | Path) -> np.ndarray:
+def load_codes(path: str | Path, axes: tuple[str, ...] = ("K", "T")) -> np.ndarray:
+    """Read a .npy of integer codes with the given axes: [K, T] for audio, [K, h, w] for images."""
     try:
         codes = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
         raise CodesError(f"{path}: not a readable .npy array ({err})") from None
-    if codes.ndim != 2:
-        raise CodesError(f"{path}: codes must be a [K, T] array, got shape {codes.shape}")
+    if codes.ndim != len(axes):
+        raise CodesError(f"{path}: codes must be a [{', '.join(axes)}] array, got shape {codes.shape}")
     if not np.issubdtype(codes.dtype, np.integer):
         raise CodesError(f"{path}: codes must be integers, got {codes.dtype}")
     return codes
@@ -128,6 +141,18 @@ def cmd_decode(args: argparse.Namespace) -> int:
     save_audio(args.output, wav[0], codec.sample_rate)
     print(f"{args.input}: {codes.shape[1]} codebooks x {codes.shape[2]} frames -> "
           f"{wav.shape[-1] / codec.sample_rate:.2f} s at {codec.sample_rate} Hz -> {args.output}")
+    return 0
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .onnx_streaming import export_streaming_onnx
+
+    codec = _load(args.model, args.num_codebooks)
+    folder = export_streaming_onnx(codec, args.output, frames_per_step=args.frames_per_step, batch_size=args.batch_size)
+    info = json.loads((folder / "streaming.json").read_text())
+    print(f"{codec.name}: streaming steps of {info['frames_per_step']} frame(s) x {info['frame_size']} samples, "
+          f"{info['num_codebooks']} codebooks, {len(info['encode_states'])} + {len(info['decode_states'])} state tensors "
+          f"-> {folder}/")
     return 0
 
 

@@ -278,6 +278,7 @@ class Quantizer(nn.Module):
             self.impl = VectorQuantize(dim=dim, codebook_size=c.codebook_size, codebook_dim=c.codebook_dim, **ema)
         elif c.kind == "lfq":
             self.impl = LFQ(dim=dim, codebook_size=c.codebook_size, entropy_loss_weight=c.entropy_loss_weight)
+            assert not self.impl.orthogonal_rotation  # encode() reads entries from the unrotated signs
             if c.code_balance_weight > 0:
                 self.code_balance = CodeBalance(self.impl.codebook, c.code_balance_decay)
         if c.kind in ("fsq", "lfq") and isinstance(getattr(self.impl, "project_out", None), nn.Linear):
@@ -384,6 +385,12 @@ class Quantizer(nn.Module):
         kind = self.config.kind
         if kind in ("rvq", "grvq", "vq") and not self.config.use_cosine_sim:
             codes = self._nearest_code_encode(z, n_q)
+        elif kind == "lfq":
+            # LFQ's entry is the sign pattern of the projected latent. Read directly, inference skips the
+            # library forward's entropy losses (and our code-balance update, which runs when this module is in
+            # training mode). Signs survive the library's optional soft clamp and l2norm; a rotation would not,
+            # and none is built (checked at construction).
+            codes = lfq_entries(self.impl.project_in(z.transpose(1, 2))).unsqueeze(1)
         else:
             was_training = self.impl.training
             self.impl.eval()
