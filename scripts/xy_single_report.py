@@ -38,7 +38,7 @@ from neurocodec.codecs.teacher import build_teacher
 from neurocodec.config import load_config, split_model_spec
 from neurocodec.data.manifest import read_manifest
 from neurocodec.eval.plots import plot_codebook_usage, plot_usage_by_frames
-from neurocodec.train.config import parse_train_config
+from neurocodec.train.config import parse_train_config, drop_run_record
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def report(model: str, manifest: str, split: str | None, config: str | None, max
     if config is None:
         config = str(Path(read_metadata(model)["run_dir"]) / "config.yaml")
     raw = load_config(*split_model_spec(config))
-    raw.pop("resumed_from", None)  # written into a run's config.yaml by train/fit.py
+    drop_run_record(raw)
     teacher = build_teacher(parse_train_config(raw).teacher)
     utts = read_manifest(manifest, split=split)[:max_clips]
     usage = CodebookUsage(codec.quantizer.cardinalities)

@@ -153,6 +153,18 @@ def test_exports_token_dataset(trained, tmp_path):
         np.testing.assert_array_equal(np.asarray(row["codes"]), codes)
 
 
+def test_fine_tuning_keeps_the_loaded_centroids():
+    """--init_from: the classifier and decoder learnt the loaded cluster ids, so training must not refit them
+    (without a k-means file a fresh run fits new ones, as the next test shows)."""
+    cfg = config("semanticodec")
+    codec = build_codec(cfg.model)
+    with torch.no_grad():
+        codec.quantizer.centroids.copy_(torch.randn_like(codec.quantizer.centroids))
+    loaded = codec.quantizer.centroids.clone()
+    CodecTrainingModule(cfg, codec, fine_tuning=True)
+    assert torch.equal(codec.quantizer.centroids, loaded)
+
+
 def test_training_setup_errors_are_one_line(kmeans_file, tmp_path):
     def module(*overrides):
         cfg = config("semanticodec", *overrides)

@@ -104,6 +104,28 @@ def stacked(frames):
     return np.stack([f.tokens for f in frames], axis=1)
 
 
+def paced_session(connect, audio, pause_s, started=None):
+    """A live session in a background thread: encode `audio` in 20 ms chunks sent `pause_s` apart, so it stays
+    open while the test does other things. Returns the running thread and the dict that gets its codes;
+    `started` (an Event), if given, is set once five chunks have gone."""
+    result = {}
+
+    def paced():
+        for i, chunk in enumerate(chunked(audio, 20)):
+            if i == 5 and started is not None:
+                started.set()
+            time.sleep(pause_s)
+            yield chunk
+
+    def run():
+        with connect() as c:
+            result["codes"] = stacked(list(c.stream_encode(paced(), sample_rate=SR)))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, result
+
+
 def expect_status(code, fn, match):
     with pytest.raises(ServiceError) as info:
         fn()
@@ -296,19 +318,8 @@ def _raw_decode(client, messages):
 
 def test_bad_inputs_get_clear_statuses_while_another_session_carries_on(server_a, codec, clips):
     good_audio = np.concatenate([clips[3], clips[4]])
-    result = {}
-
-    def paced():  # a well-behaved session, paced at 5x real time, open during all the bad requests
-        for chunk in chunked(good_audio, 20):
-            time.sleep(0.004)
-            yield chunk
-
-    def good():
-        with client_a(server_a) as c:
-            result["codes"] = stacked(list(c.stream_encode(paced(), sample_rate=SR)))
-
-    thread = threading.Thread(target=good)
-    thread.start()
+    # a well-behaved session, paced at 5x real time, open during all the bad requests
+    thread, result = paced_session(lambda: client_a(server_a), good_audio, 0.004)
     time.sleep(0.2)
     E, D = pb.StreamEncodeRequest, pb.StreamDecodeRequest
     cfg = pb.EncodeConfig(sample_rate_hz=SR, format=pb.FLOAT32)
@@ -466,19 +477,7 @@ def test_loadtest_command(server_a, capsys):
 def test_graceful_drain_lets_running_sessions_finish(codec, clips):
     srv = ServerThread(ServerOptions(models=[MODEL], port=0, max_streams=2, grace_s=10.0), preloaded={MODEL: codec})
     srv.start()
-    result = {}
-
-    def paced():
-        for chunk in chunked(clips[7], 20):
-            time.sleep(0.01)
-            yield chunk
-
-    def run():
-        with client_a(srv) as c:
-            result["codes"] = stacked(list(c.stream_encode(paced(), sample_rate=SR)))
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, result = paced_session(lambda: client_a(srv), clips[7], 0.01)
     time.sleep(0.2)
     drain = threading.Thread(target=lambda: srv.call(srv.server.drain()))
     drain.start()
@@ -522,21 +521,8 @@ def test_serve_command_drains_on_sigterm_with_json_logs(codec, clips, tmp_path):
             time.sleep(0.1)
         assert statuses[-1] == health_pb2.HealthCheckResponse.SERVING
         channel.close()
-        sent, result = threading.Event(), {}
-
-        def paced():
-            for i, chunk in enumerate(chunked(clips[8], 20)):
-                if i == 5:
-                    sent.set()
-                time.sleep(0.01)
-                yield chunk
-
-        def run():
-            with CodecClient(f"127.0.0.1:{port}") as c:
-                result["codes"] = stacked(list(c.stream_encode(paced(), sample_rate=SR)))
-
-        thread = threading.Thread(target=run)
-        thread.start()
+        sent = threading.Event()
+        thread, result = paced_session(lambda: CodecClient(f"127.0.0.1:{port}"), clips[8], 0.01, started=sent)
         sent.wait(30)
         proc.send_signal(signal.SIGTERM)
         thread.join(60)

@@ -201,3 +201,19 @@ def test_masked_step_with_partial_frames_is_refused():
         conv.set_exec_mask(torch.tensor([True, False]))
         with pytest.raises(StreamingShapeError):
             conv(torch.zeros(2, 1, 3))  # 3 samples leave a half window: buffer length would change
+
+
+def test_exec_mask_is_a_snapshot():
+    """Editing the tensor passed to set_exec_mask afterwards changes nothing: the layers step by the mask as it
+    was set (their host-side all-execute flag and the mask tensor must not disagree)."""
+    conv = StreamingConv1d(1, 1, 3)
+    x = torch.randn(2, 1, 4)
+    with conv.streaming(2):
+        initial = conv._streaming_state.previous.clone()
+        mask = torch.tensor([True, False])
+        conv.set_exec_mask(mask)
+        mask[1] = True
+        conv(x)
+        state = conv._streaming_state.previous
+        assert torch.equal(state[1], initial[1])  # session 1 was masked when the mask was set: it kept its state
+        assert not torch.equal(state[0], initial[0])

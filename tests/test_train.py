@@ -182,8 +182,15 @@ def test_fine_tune_from_the_default_model(tmp_path):
     assert distance(load_file(str(export.codec_path))[name]) < 0.05 < 0.5 < distance(fresh)
     assert torch.equal(module.codec.quantizer.state_dict()["impl.rvqs.0.layers.0._codebook.initted"], torch.tensor(True))
 
+    # resuming the fine-tuning run keeps the record of where it started
+    fit(config("grvq_4cb", "trainer.max_steps=2"), tmp_path / "ft", ckpt_path=str(tmp_path / "ft" / "checkpoints" / "last.ckpt"))
+    saved = yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())
+    assert saved["initialised_from"] == "default" and saved["resumed_from"].endswith("last.ckpt")
+
     with pytest.raises(UserError, match="network differs"):
         fit(config("grvq_4cb", "trainer.max_steps=1", "model.seanet.channels=16"), tmp_path / "wide", init_from="default")
+    with pytest.raises(UserError, match="model.sample_rate = 16000, this config has 24000"):
+        fit(config("grvq_4cb", "trainer.max_steps=1", "model.sample_rate=24000"), tmp_path / "24k", init_from="default")
     folded = save_codec(load_codec("default"), tmp_path / "folded.safetensors")
     with pytest.raises(UserError, match="saved for inference"):
         fit(cfg, tmp_path / "f", init_from=str(folded))
@@ -249,6 +256,7 @@ def test_ddp_two_cpu_processes_keep_codebooks_identical(tmp_path):
     assert 0 < summary["metrics"]["valid/codebook0/usage"] <= 1  # histograms summed over both ranks
     # The codec was built with sync_codebook: its quantizer all-reduces EMA statistics across ranks.
     assert "codebooks identical on all 2 processes: True" in done.stdout
+    assert done.stdout.count("Trained 3 generator steps") == 1  # the summary comes from rank 0 only
     assert load_codec(str(tmp_path / "ddp" / "codec.safetensors")).encode(torch.zeros(1, 1, 640)).shape == (1, 4, 2)
 
 

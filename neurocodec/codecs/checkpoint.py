@@ -13,6 +13,7 @@ Everywhere a model is named (`--model M`), M is one of
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -137,7 +138,12 @@ def load_weights_for_training(codec: torch.nn.Module, spec: str | Path) -> dict:
 
     Only weights move; the run's config (losses, optimiser, quantizer decay, ...) is the run's own. The
     network must be the same: the default model is `grvq_4cb` with `--preset tiny`."""
+    from ..image import is_image_codec
+
     spec = str(spec)
+    if spec == DEFAULT_MODEL and is_image_codec(codec):
+        raise UserError("--init_from default: the default model is an audio codec; fine-tune an image codec from "
+                        "an image codec file that training exported (runs/NAME/codec.safetensors)")
     path = DEFAULT_MODEL_PATH if spec == DEFAULT_MODEL else Path(spec)
     if not path.is_file():
         raise UserError(f"--init_from {spec}: {path} does not exist")
@@ -151,6 +157,19 @@ def load_weights_for_training(codec: torch.nn.Module, spec: str | Path) -> dict:
     if meta.get("weight_norm_folded") == "true":
         raise UserError(f"--init_from {spec}: this file was saved for inference (weight norm folded into the weights); "
                         "fine-tune from a file that training exported (runs/NAME/codec.safetensors) or from `default`")
+    # Settings that no weight shape reveals but that change what the weights mean.
+    theirs = json.loads(meta.get("config", "{}"))
+    ours = dataclasses.asdict(codec.config)
+    keys = ("family", "sample_rate", "quantizer.kind")
+    if ours["quantizer"]["kind"] in ("fsq", "rfsq"):
+        keys += ("quantizer.levels",)
+    for key in keys:
+        section, _, field = key.rpartition(".")
+        mine = (ours.get(section, {}) if section else ours).get(field)
+        saved = (theirs.get(section, {}) if section else theirs).get(field)
+        if saved is not None and saved != mine and not (isinstance(mine, (list, tuple)) and list(mine) == saved):
+            raise UserError(f"--init_from {spec}: it has model.{key} = {saved}, this config has {mine}; "
+                            "fine-tuning keeps the model's settings (for `default`: --config grvq_4cb --preset tiny)")
     own = codec.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -68,7 +68,40 @@ class CodecOutput:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class Codec(StreamingContainer):
+class CodebookSelection:
+    """The codebook-selection interface shared by the audio `Codec` and the `ImageCodec`: the codebooks
+    in use (a prefix of the quantizer's, chosen by `set_num_codebooks`) and their cardinalities. The
+    host class sets `config`, `quantizer` and `_num_codebooks` in its constructor."""
+
+    config: CodecConfig
+    quantizer: Quantizer
+    _num_codebooks: int
+
+    @property
+    def name(self) -> str:
+        return getattr(self, "_name", self.config.family)
+
+    @property
+    def total_codebooks(self) -> int:
+        return self.quantizer.total_codebooks
+
+    @property
+    def num_codebooks(self) -> int:
+        return self._num_codebooks
+
+    @property
+    def cardinality(self) -> list[int]:
+        return self.quantizer.cardinalities[: self.num_codebooks]
+
+    def allowed_num_codebooks(self) -> list[int]:
+        return self.quantizer.allowed_num_codebooks()
+
+    def set_num_codebooks(self, n: int) -> None:
+        self.quantizer.check_num_codebooks(n)
+        self._num_codebooks = n
+
+
+class Codec(CodebookSelection, StreamingContainer):
     """SEANet encoder -> quantizer -> SEANet decoder, all causal."""
 
     # Families trained against a frozen semantic teacher set this; training then passes the teacher's
@@ -85,10 +118,6 @@ class Codec(StreamingContainer):
 
     # -- description ----------------------------------------------------------------------------
     @property
-    def name(self) -> str:
-        return getattr(self, "_name", self.config.family)
-
-    @property
     def sample_rate(self) -> int:
         return self.config.sample_rate
 
@@ -101,18 +130,6 @@ class Codec(StreamingContainer):
         return self.sample_rate / self.frame_size
 
     @property
-    def total_codebooks(self) -> int:
-        return self.quantizer.total_codebooks
-
-    @property
-    def num_codebooks(self) -> int:
-        return self._num_codebooks
-
-    @property
-    def cardinality(self) -> list[int]:
-        return self.quantizer.cardinalities[: self.num_codebooks]
-
-    @property
     def bitrate(self) -> float:
         """Bits per second of the code indices in use: sum_k log2(cardinality_k) * frame_rate."""
         return sum(math.log2(c) for c in self.cardinality) * self.frame_rate
@@ -121,13 +138,6 @@ class Codec(StreamingContainer):
     def algorithmic_latency(self) -> float:
         """Seconds from a sample's arrival until audio that depends on it can be output: one frame."""
         return self.frame_size / self.sample_rate
-
-    def allowed_num_codebooks(self) -> list[int]:
-        return self.quantizer.allowed_num_codebooks()
-
-    def set_num_codebooks(self, n: int) -> None:
-        self.quantizer.check_num_codebooks(n)
-        self._num_codebooks = n
 
     def info(self) -> dict:
         return {

@@ -178,13 +178,20 @@ class SemantiCodec(Codec):
         self._num_codebooks = self.quantizer.total_codebooks
 
     # -- training ---------------------------------------------------------------------------------
-    def prepare_for_training(self, teacher, config=None) -> None:
+    def prepare_for_training(self, teacher, config=None, fine_tuning: bool = False) -> None:
         """Called by the training module with the frozen teacher (and the TrainConfig): load the k-means
         centroids (checked against the teacher, layer, frame rate and this model's sizes) into the codec.
-        Without `model.semanticodec.kmeans`, a single-process run fits them first on the training split."""
+        Without `model.semanticodec.kmeans`, a single-process run fits them first on the training split.
+        When fine-tuning (`--init_from`), the codec keeps the centroids it was loaded with: its classifier and
+        decoder learnt those cluster ids."""
         from .kmeans import load_kmeans
 
         opts = self.options
+        if fine_tuning:
+            if teacher.dim != opts.teacher_dim:
+                raise ConfigError(f"the teacher gives {teacher.dim}-d features; model.semanticodec.teacher_dim is "
+                                  f"{opts.teacher_dim}: they must agree")
+            return
         if not opts.kmeans:
             with torch.no_grad():
                 self.quantizer.centroids.copy_(self._fit_kmeans(teacher, config))

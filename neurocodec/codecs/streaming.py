@@ -25,7 +25,7 @@ a masked step (or a selected one) whose chunk would change a buffer's length rai
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Iterator
 
 import torch
@@ -44,6 +44,9 @@ class StreamingState:
     """Base class for per-module state. Every tensor field has the batch in dimension 0."""
 
     exec_mask: torch.Tensor  # bool [B]: items that advance on the next step
+    # exec_mask.all(), kept on the host: every streaming layer asks it on every step, and asking the tensor
+    # costs an op per layer (a device sync on a GPU). Set together with exec_mask.
+    all_execute: bool = field(default=True, kw_only=True)
 
     def tensor_fields(self) -> tuple[str, ...]:
         # Cached per class: a served step walks every module's fields twice, and `fields()` is slow. This
@@ -69,16 +72,16 @@ class StreamingState:
             setattr(self, name, torch.where(chosen, new, old))
 
 
-def _masked_update(old: torch.Tensor, new: torch.Tensor, exec_mask: torch.Tensor, what: str) -> torch.Tensor:
-    """Take `new` for executing items and keep `old` for the others."""
-    if bool(exec_mask.all()):
+def _masked_update(old: torch.Tensor, new: torch.Tensor, state: StreamingState, what: str) -> torch.Tensor:
+    """Take `new` for executing items (those of `state.exec_mask`) and keep `old` for the others."""
+    if state.all_execute:
         return new
     if old.shape != new.shape:
         raise StreamingShapeError(
             f"{what}: a step with an execution mask must feed whole frames to every item "
             f"(state shape would change from {tuple(old.shape)} to {tuple(new.shape)})"
         )
-    mask = exec_mask.view(-1, *([1] * (new.dim() - 1)))
+    mask = state.exec_mask.view(-1, *([1] * (new.dim() - 1)))
     return torch.where(mask, new, old)
 
 
@@ -133,11 +136,14 @@ class StreamingModule(nn.Module):
 
     def set_exec_mask(self, mask: torch.Tensor) -> None:
         """Items where `mask` is False keep their state on the following steps."""
+        mask = mask.to(dtype=torch.bool, copy=True)  # a snapshot: all_execute must describe it for good
+        every = bool(mask.all())
         for module in self._streaming_modules():
             state = module._streaming_state
             if state is None:
                 raise RuntimeError("set_exec_mask() called outside a streaming context")
-            state.exec_mask = mask.to(device=state.exec_mask.device, dtype=torch.bool)
+            state.exec_mask = mask.to(device=state.exec_mask.device)
+            state.all_execute = every
 
     @contextlib.contextmanager
     def select_sessions(self, slots: torch.Tensor) -> Iterator[None]:
@@ -158,7 +164,7 @@ class StreamingModule(nn.Module):
             index = slots.to(state.exec_mask.device)
             if all_step is None or all_step.device != index.device:
                 all_step = torch.ones(len(index), dtype=torch.bool, device=index.device)
-            compact = replace(state, exec_mask=all_step,
+            compact = replace(state, exec_mask=all_step, all_execute=True,
                               **{name: getattr(state, name).index_select(0, index) for name in state.tensor_fields()})
             full_states.append((state, index))
             module._streaming_state = compact
@@ -271,7 +277,7 @@ class StreamingConv1d(StreamingModule):
             y = self.conv(x[..., : (n_out - 1) * self.stride + self.effective_kernel])
         else:
             y = x.new_zeros(x.shape[0], self.conv.out_channels, 0)
-        state.previous = _masked_update(state.previous, x[..., n_out * self.stride:], state.exec_mask, "conv")
+        state.previous = _masked_update(state.previous, x[..., n_out * self.stride:], state, "conv")
         return y
 
 
@@ -326,7 +332,7 @@ class StreamingConvTranspose1d(StreamingModule):
         if self.overlap:
             head = y[..., : self.overlap] + state.partial
             y = torch.cat([head, y[..., self.overlap:]], dim=-1)
-        state.partial = _masked_update(state.partial, y[..., n_out:], state.exec_mask, "transposed conv")
+        state.partial = _masked_update(state.partial, y[..., n_out:], state, "transposed conv")
         return self._add_bias(y[..., :n_out])
 
 
@@ -371,8 +377,8 @@ class StreamingLSTM(StreamingModule):
         y = torch.cat(outputs, dim=1)
         if state is not None:
             h, c = hc
-            state.hidden = _masked_update(state.hidden, h.transpose(0, 1), state.exec_mask, "lstm")
-            state.cell = _masked_update(state.cell, c.transpose(0, 1), state.exec_mask, "lstm")
+            state.hidden = _masked_update(state.hidden, h.transpose(0, 1), state, "lstm")
+            state.cell = _masked_update(state.cell, c.transpose(0, 1), state, "lstm")
         return x + y.transpose(1, 2)
 
 
@@ -443,9 +449,9 @@ class StreamingTransformerLayer(StreamingModule):
             v_all = torch.cat([state.values, v], dim=2)
             valid = torch.cat([state.valid, now_valid], dim=1)
             attn = self._attend(q, k_all, v_all, valid, n_past=self.context)
-            state.keys = _masked_update(state.keys, k_all[:, :, -self.context:], state.exec_mask, "attention")
-            state.values = _masked_update(state.values, v_all[:, :, -self.context:], state.exec_mask, "attention")
-            state.valid = _masked_update(state.valid, valid[:, -self.context:], state.exec_mask, "attention")
+            state.keys = _masked_update(state.keys, k_all[:, :, -self.context:], state, "attention")
+            state.values = _masked_update(state.values, v_all[:, :, -self.context:], state, "attention")
+            state.valid = _masked_update(state.valid, valid[:, -self.context:], state, "attention")
         h = h + self.out(attn)
         return h + self.mlp(self.norm_mlp(h))
 

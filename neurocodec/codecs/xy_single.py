@@ -139,7 +139,7 @@ class XYSingleCodec(Codec):
             self.encoder.train(was_training)
         return x
 
-    def prepare_for_training(self, teacher, config=None) -> None:
+    def prepare_for_training(self, teacher, config=None, fine_tuning: bool = False) -> None:
         """Called by the training module with the frozen teacher (and the TrainConfig): the teacher's width
         must match the distillation projection."""
         if teacher.dim != self.xy.teacher_dim:

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CodesError, UserError
+from ..codecs.commands import load_codes
+from ..errors import UserError
 from . import is_image_codec
 
 
@@ -72,18 +73,6 @@ def encode_image(args: argparse.Namespace, codec) -> int:
     return 0
 
 
-def load_image_codes(path: str | Path) -> np.ndarray:
-    try:
-        codes = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise CodesError(f"{path}: not a readable .npy array ({err})") from None
-    if codes.ndim != 3:
-        raise CodesError(f"{path}: image codes must be a [K, h, w] array, got shape {codes.shape}")
-    if not np.issubdtype(codes.dtype, np.integer):
-        raise CodesError(f"{path}: codes must be integers, got {codes.dtype}")
-    return codes
-
-
 def parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
@@ -101,7 +90,7 @@ def decode_image(args: argparse.Namespace, codec) -> int:
         raise UserError(f"{args.output}: model {codec.name} is an image codec; the output must be an image file (.png, ...)")
     if getattr(args, "chunk_frames", None):
         raise UserError("--chunk-frames is for audio; image grids are decoded whole")
-    codes = torch.from_numpy(load_image_codes(args.input).astype(np.int64)).unsqueeze(0)
+    codes = torch.from_numpy(load_codes(args.input, axes=("K", "h", "w")).astype(np.int64)).unsqueeze(0)
     img = codec.decode(codes)[0]
     if getattr(args, "size", None):
         w, h = parse_size(args.size)

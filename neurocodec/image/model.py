@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..codecs.model import CodecConfig
+from ..codecs.model import CodebookSelection, CodecConfig
 from ..codecs.quantizers import Quantizer, QuantizedResult
 from ..config import from_dict
 from ..errors import CodesError, UserError
@@ -190,7 +190,7 @@ class ImageQuantizer(Quantizer):
         return super().decode(codes.reshape(b, k, h * w)).reshape(b, -1, h, w)
 
 
-class ImageCodec(nn.Module):
+class ImageCodec(CodebookSelection, nn.Module):
     """Image tokenizer with the codec interface adapted to 2-D: `encode(img) -> codes [B, K, h, w]`,
     `decode(codes) -> img`, `set_num_codebooks`, `cardinality`, `bits_per_token`, `bpp(H, W)`, `info()`."""
 
@@ -205,24 +205,8 @@ class ImageCodec(nn.Module):
 
     # -- description ----------------------------------------------------------------------------
     @property
-    def name(self) -> str:
-        return getattr(self, "_name", self.config.family)
-
-    @property
     def downsample(self) -> int:
         return self.net_config.downsample
-
-    @property
-    def total_codebooks(self) -> int:
-        return self.quantizer.total_codebooks
-
-    @property
-    def num_codebooks(self) -> int:
-        return self._num_codebooks
-
-    @property
-    def cardinality(self) -> list[int]:
-        return self.quantizer.cardinalities[: self.num_codebooks]
 
     @property
     def bits_per_token(self) -> float:
@@ -237,13 +221,6 @@ class ImageCodec(nn.Module):
         """Bits per pixel of an H x W image: bits_per_token * grid cells / pixels (raw indices)."""
         h, w = self.grid_size(height, width)
         return self.bits_per_token * h * w / (height * width)
-
-    def allowed_num_codebooks(self) -> list[int]:
-        return self.quantizer.allowed_num_codebooks()
-
-    def set_num_codebooks(self, n: int) -> None:
-        self.quantizer.check_num_codebooks(n)
-        self._num_codebooks = n
 
     def info(self) -> dict:
         return {

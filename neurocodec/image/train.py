@@ -13,7 +13,6 @@ step; `gen_step` counts generator steps, as in `neurocodec.train.module`.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from ..codecs.model import CodecConfig
 from ..codecs.quantizers import CodebookUsage
 from ..config import ConfigError, from_dict, load_config
 from ..errors import UserError
-from ..train.config import OptimConfig, TrainerConfig, _check_types, option_help
+from ..train.config import OptimConfig, TrainerConfig, _check_types, option_help, drop_run_record
 from ..train.ema import WeightEMA
 from ..train.module import gan_optimizers
 from ..train.losses import discriminator_loss, feature_matching_loss, generator_adversarial_loss
@@ -225,8 +224,7 @@ def resolve_image_config(args) -> ImageTrainConfig:
     from_saved = args.config is None
     name = args.config or str(run_dir_of_checkpoint(Path(args.ckpt_path)) / "config.yaml")
     raw = load_config(name, None if from_saved else args.preset, args.overrides)
-    raw.pop("resumed_from", None)
-    raw.pop("initialised_from", None)
+    drop_run_record(raw)
     if from_saved and args.preset is None:
         raw["preset"] = (yaml.safe_load(Path(name).read_text()) or {}).get("preset")
     try:
@@ -257,7 +255,7 @@ def run_image_training(config: ImageTrainConfig, run_dir: Path, ckpt_path: str |
 
 def main(args) -> int:
     """`train/fit.py` for image configs (`args`: `neurocodec.train.fit.FitArgs`)."""
-    from ..train.fit import choose_run_dir, quiet_lightning
+    from ..train.fit import print_or_train
 
     if args.help:
         from .model import ImageNetConfig
@@ -271,16 +269,10 @@ def main(args) -> int:
             print(f"  --{key:<38}{default}" + (f"  ->  {value}" if value != default else ""))
         return 0
     config = resolve_image_config(args)
-    if args.print_config:
-        print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), end="")
-        return 0
-    run_dir = choose_run_dir(config, args.ckpt_path)
-    quiet_lightning()
-    trainer, module, export = run_image_training(config, run_dir, args.ckpt_path, init_from=args.init_from)
-    if trainer.is_global_zero:
+    finished = print_or_train(args, config, run_image_training)
+    if finished is not None:
+        run_dir, export = finished
         m = export.summary.get("metrics", {})
-        print(f"\nTrained {int(module.gen_step)} generator steps ({config.name}"
-              f"{':' + config.preset if config.preset else ''}); run folder {run_dir}")
         if m.get("valid/psnr") is not None:
             print(f"last validation (EMA codec): PSNR {m['valid/psnr']:.2f} dB, MS-SSIM {m.get('valid/ms_ssim', float('nan')):.3f}, "
                   f"codebook usage {m.get('valid/usage_mean', float('nan')):.0%}")

@@ -304,12 +304,13 @@ class CodecServicer(pb_grpc.CodecServicer):
             check_rate(cfg.sample_rate_hz)
             rate = model.offline.sample_rate
             resampler = StreamingResampler(cfg.sample_rate_hz, rate) if cfg.sample_rate_hz != rate else None
-            return check_format(cfg.format), check_channels(cfg.channels), resampler
+            return check_format(cfg.format), check_channels(cfg.channels), resampler, model.offline.frame_rate
 
-        cfg, model, session, (fmt, channels, resampler) = await self._open_stream("encode", it, context, start, configure)
-        # Nothing from here to self._stream may raise: the slot is only freed there.
+        cfg, model, session, (fmt, channels, resampler, frame_rate) = await self._open_stream(
+            "encode", it, context, start, configure)
+        # Nothing from here to self._stream may raise: the slot is only freed there. (Lookups that could fail
+        # belong in `configure`, which runs before the slot is taken.)
         worker = model.worker
-        frame_rate = model.offline.frame_rate
 
         def to_input(msg):
             samples = bytes_to_audio(msg.audio, fmt, channels)
@@ -343,12 +344,11 @@ class CodecServicer(pb_grpc.CodecServicer):
             out_rate = cfg.sample_rate_hz or rate
             check_rate(out_rate)
             resampler = StreamingResampler(rate, out_rate) if out_rate != rate else None
-            return check_format(cfg.format, allow_unspecified=True), resampler
+            return check_format(cfg.format, allow_unspecified=True), resampler, model.offline.quantizer.cardinalities
 
-        cfg, model, session, (fmt, resampler) = await self._open_stream("decode", it, context, start, configure)
-        # Nothing from here to self._stream may raise: the slot is only freed there.
+        cfg, model, session, (fmt, resampler, cards) = await self._open_stream("decode", it, context, start, configure)
+        # Nothing from here to self._stream may raise: the slot is only freed there (see StreamEncode).
         worker = model.worker
-        cards = model.offline.quantizer.cardinalities
 
         def to_input(msg):
             return self._present(frames_to_codes(msg.frames.frames, session.num_codebooks, cards))

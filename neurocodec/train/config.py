@@ -268,6 +268,17 @@ def _is_float(text: str) -> bool:
         return False
 
 
+# Written into a run's config.yaml by train/fit.py beside the resolved config: where the run resumed from and
+# what it was fine-tuned from (--init_from). They record the run, they are not options.
+RUN_RECORD_KEYS = ("resumed_from", "initialised_from")
+
+
+def drop_run_record(raw: dict) -> None:
+    """Take the run-record keys out of a config dict loaded from a run's config.yaml."""
+    for key in RUN_RECORD_KEYS:
+        raw.pop(key, None)
+
+
 def parse_train_config(raw: dict) -> TrainConfig:
     """Validate a raw config dict (from `load_config`) into a `TrainConfig`; unknown keys are errors."""
     return from_dict(TrainConfig, _check_types(TrainConfig, raw, "config"), "config")

@@ -16,12 +16,16 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from ..config import ConfigError, load_config
 from ..errors import UserError
-from .config import TrainConfig, TrainerConfig, option_help, parse_train_config
+from .config import TrainConfig, TrainerConfig, option_help, parse_train_config, drop_run_record
+
+if TYPE_CHECKING:  # Lightning is imported only when training starts (a fast --help)
+    from .callbacks import CodecExport
 
 RUN_DIR_ENV = "NEUROCODEC_RUN_DIR"  # rank 0 hands its run directory to the DDP processes it launches
 
@@ -102,8 +106,7 @@ def resolve_config(args: FitArgs) -> TrainConfig:
             raise ConfigError(f"--config not given and {saved} does not exist")
         args.config, from_saved = str(saved), True
     raw = load_config(args.config, args.preset, args.overrides)
-    raw.pop("resumed_from", None)
-    raw.pop("initialised_from", None)
+    drop_run_record(raw)
     named = {o.partition("=")[0] for o in args.overrides}
     if from_saved and not named & {"trainer.run_name", "trainer.root_dir"}:
         # The run is the folder the checkpoint is in, even when that folder was copied or moved since
@@ -242,7 +245,7 @@ def run_training(config: TrainConfig, run_dir: Path, ckpt_path: str | None = Non
     codec = build_codec(config.model, sync_codebook=world > 1, name=label)
     if init_from is not None:  # before the module: its weight EMA starts from these weights too
         load_weights_for_training(codec, init_from)
-    module = CodecTrainingModule(config, codec)
+    module = CodecTrainingModule(config, codec, fine_tuning=init_from is not None)
     if datamodule is None:
         datamodule = CodecDataModule(config.data, codec.sample_rate, codec.frame_size, seed=config.trainer.seed)
     trainer, export = build_trainer(config, run_dir, world, extra_callbacks, loggers)
@@ -265,8 +268,11 @@ def fit_in_run_dir(trainer, module, datamodule, config, run_dir: Path, ckpt_path
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = dataclasses.asdict(config)
         resolved["resumed_from"] = str(ckpt_path) if ckpt_path else None
-        if init_from is not None:
-            resolved["initialised_from"] = str(init_from)
+        origin = init_from
+        if origin is None and ckpt_path and (run_dir / "config.yaml").is_file():  # a resumed fine-tuning run
+            origin = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("initialised_from")
+        if origin is not None:
+            resolved["initialised_from"] = str(origin)
         tmp = run_dir / "config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
         tmp.replace(run_dir / "config.yaml")
@@ -290,17 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         print_help(args)
         return 0
     config = resolve_config(args)
-    if args.print_config:
-        print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), end="")
-        return 0
-    run_dir = choose_run_dir(config, args.ckpt_path)
-    quiet_lightning()
-    trainer, module, export = run_training(config, run_dir, args.ckpt_path, init_from=args.init_from)
-    if trainer.is_global_zero:
+    finished = print_or_train(args, config, run_training)
+    if finished is not None:
+        run_dir, export = finished
         s = export.summary
         codec = export.codec_path
-        print(f"\nTrained {int(module.gen_step)} generator steps ({config.name}"
-              f"{':' + config.preset if config.preset else ''}); run folder {run_dir}")
         if s.get("metrics", {}).get("valid/pesq") is not None:
             m = s["metrics"]
             print(f"last validation (EMA codec): PESQ-WB {m['valid/pesq']:.2f}, STOI {m.get('valid/stoi', float('nan')):.3f}, "
@@ -316,6 +316,23 @@ def main(argv: list[str] | None = None) -> int:
               f"--trainer.max_steps {config.trainer.max_steps * 2}\n"
               f"logs: tensorboard --logdir {run_dir / 'tb'}")
     return 0
+
+
+def print_or_train(args: FitArgs, config, run) -> tuple[Path, "CodecExport"] | None:
+    """The flow shared by audio and image training: print the resolved config with --print_config, else run
+    `run(config, run_dir, ckpt_path, init_from=...)` in its run folder and, on rank 0, say how many steps it
+    trained. Returns (run folder, export callback) on rank 0 after training, else None."""
+    if args.print_config:
+        print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), end="")
+        return None
+    run_dir = choose_run_dir(config, args.ckpt_path)
+    quiet_lightning()
+    trainer, module, export = run(config, run_dir, args.ckpt_path, init_from=args.init_from)
+    if not trainer.is_global_zero:
+        return None
+    print(f"\nTrained {int(module.gen_step)} generator steps ({config.name}"
+          f"{':' + config.preset if config.preset else ''}); run folder {run_dir}")
+    return run_dir, export
 
 
 def cli() -> int:

@@ -50,7 +50,7 @@ def gan_optimizers(generator: nn.Module, disc: nn.Module | None, o) -> tuple[lis
 
 
 class CodecTrainingModule(L.LightningModule):
-    def __init__(self, config: TrainConfig, codec: nn.Module) -> None:
+    def __init__(self, config: TrainConfig, codec: nn.Module, fine_tuning: bool = False) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.config = config
@@ -74,7 +74,7 @@ class CodecTrainingModule(L.LightningModule):
 
             self.__dict__["teacher"] = build_teacher(config.teacher)
             if hasattr(codec, "prepare_for_training"):  # e.g. semanticodec loads its k-means centroids
-                codec.prepare_for_training(self.teacher, config=config)
+                codec.prepare_for_training(self.teacher, config=config, fine_tuning=fine_tuning)
         self._pending_rng: dict | None = None
         self._val: dict = {}
         parts = dict(codec.named_children())
