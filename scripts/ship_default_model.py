@@ -5,8 +5,12 @@
     .venv/bin/python scripts/ship_default_model.py --run runs/X --corpus /path/to/debian --max-clips 100
 
 Writes docs/default_model/ (report.md with the table against Opus and Codec2, rate-quality plot,
-spectrograms, codebook usage, and training_curve.png: validation PESQ/STOI/usage over the run's steps).
+spectrograms, codebook usage, and training_curve.png: validation PESQ/STOI/usage over the model's steps).
 The recipe that produces the run is scripts/train_default_model.sh.
+
+The curve covers the model's whole lineage: docs/default_model/validation_history.csv keeps the validation
+points of the runs it grew from, so a run fine-tuned from the shipped model (`--init_from default`, e.g. on a
+machine that lost the training run's checkpoints) continues the curve at the step where it started.
 """
 
 from __future__ import annotations
@@ -20,8 +24,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from neurocodec.cli import main as neurocodec  # noqa: E402
-from neurocodec.codecs.checkpoint import DEFAULT_MODEL_PATH, load_codec, read_metadata  # noqa: E402
-from neurocodec.eval.plots import plot_training_curve  # noqa: E402
+from neurocodec.codecs.checkpoint import DEFAULT_MODEL_PATH, lineage_steps, load_codec, read_metadata  # noqa: E402
+from neurocodec.eval.plots import plot_training_curve, read_validation_curve, write_validation_curve  # noqa: E402
+
+
+def lineage_curve(run: Path, history: Path, steps_before: int) -> tuple[dict, dict]:
+    """The validation curve of the model's lineage: the history's points up to `steps_before` (where this
+    run started from the shipped model; 0 for a run from scratch), then the run's own, shifted by it.
+    Returns (curve, marks for the plot)."""
+    mine = read_validation_curve(run / "csv" / "metrics.csv", step_offset=steps_before)
+    if steps_before == 0 or not history.is_file():
+        return mine, {}
+    earlier = read_validation_curve(history)
+    curve = {key: {s: v for s, v in earlier[key].items() if s <= steps_before} | mine[key] for key in mine}
+    return curve, {steps_before: "fine-tuning restarts (new discriminator)"}
 
 
 def main() -> int:
@@ -39,17 +55,21 @@ def main() -> int:
         print(f"{codec_path} does not exist: train first (scripts/train_default_model.sh)", file=sys.stderr)
         return 2
     meta = read_metadata(codec_path)
-    print(f"{codec_path}: generator step {meta.get('gen_step')}, EMA={meta.get('ema')}")
+    steps_before, total = int(meta.get("steps_before") or 0), lineage_steps(meta)
+    print(f"{codec_path}: generator step {meta.get('gen_step')} (total {total}), EMA={meta.get('ema')}")
     load_codec(str(codec_path))  # fails here, not halfway through, if the file is unusable
-    curve = plot_training_curve(run / "csv" / "metrics.csv", docs / "training_curve.png")
-    if curve:
-        print(f"training curve -> {curve}")
+    history = docs / "validation_history.csv"
+    curve, marks = lineage_curve(run, history, steps_before)
+    plot = plot_training_curve(curve, docs / "training_curve.png", marks)
+    if plot:
+        print(f"training curve -> {plot}")
     rc = neurocodec(["eval", "--model", str(codec_path), "--data", f"{args.corpus}/manifest.jsonl", "--split", "test",
                      "--max-clips", str(args.max_clips), "--baselines", "opus:6,opus:8,opus:12,codec2:3200,codec2:1600",
-                     "--report", str(docs), "--title", f"Default model (grvq_4cb, step {meta.get('gen_step')})"])
+                     "--report", str(docs), "--title", f"Default model (grvq_4cb, step {total})"])
     if rc != 0:
         return rc
     if not args.no_install:
+        write_validation_curve(curve, history)  # the shipped model's history, for the run that continues it
         DEFAULT_MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(codec_path, DEFAULT_MODEL_PATH)
         print(f"installed {codec_path} -> {DEFAULT_MODEL_PATH} ({DEFAULT_MODEL_PATH.stat().st_size / 2**20:.1f} MiB)")

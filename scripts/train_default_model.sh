@@ -4,14 +4,21 @@
 #   bash scripts/train_default_model.sh            # build the corpus if needed, then train or resume
 #   bash scripts/train_default_model.sh --trainer.max_time 00:02:00:00   # extra fit.py options pass through
 #
-# Model: grvq_4cb at the `tiny` network size (8 channels, 64-d latent, 0.45 M parameters, 2 kbps): the
-# size that comes closest to the single-stream speed target (docs/BENCHMARKS.md) and that trains at
-# ~0.5 step/s on one CPU thread (~1 before the finer mel loss below). Data: the full Debian real-speech corpus (`neurocodec data debian`; the French voice,
-# June Wallack, is held out as split `test`). Training resumes from runs/default-model/checkpoints/last.ckpt
-# whenever it exists, so the run can be continued across days; when it stops, ship the result with
-# scripts/ship_default_model.py. On a machine shared with other work, run it as
-# `OMP_NUM_THREADS=1 nice -n 19 bash scripts/train_default_model.sh`: torch's worker threads wait on each other
-# when the cores are oversubscribed (seen here: 0.12 steps/s with 2 threads against 0.98 with 1, same load).
+# Model: grvq_4cb at the `tiny` network size (8 channels, 64-d latent, 0.45 M parameters, 2 kbps): the size
+# that comes closest to the single-stream speed target (docs/BENCHMARKS.md) and that trains at ~0.5 step/s on
+# one CPU thread (~1 before the finer mel loss below). Data: the full Debian real-speech corpus (`neurocodec
+# data debian`; the French voice, June Wallack, is held out as split `test`).
+#
+# Training resumes from runs/default-model/checkpoints/last.ckpt whenever it exists, so the run can be
+# continued across days; when it stops, ship the result with scripts/ship_default_model.py. Where the run
+# folder is gone (a new machine), continue from the shipped weights instead:
+# `bash scripts/train_default_model.sh --init_from default` starts a new run from them (fresh discriminator
+# and optimisers); its exported codec counts the shipped model's steps too (`total_steps`), and the ship
+# script continues the curve in docs/default_model/validation_history.csv from there.
+#
+# On a machine shared with other work, run it as `OMP_NUM_THREADS=1 nice -n 19 bash
+# scripts/train_default_model.sh`: torch's worker threads wait on each other when the cores are
+# oversubscribed (seen here: 0.12 steps/s with 2 threads against 0.98 with 1, same load).
 #
 # Mel loss: the tiny preset's mel windows stop at 1024 samples / 80 bins, too coarse to resolve the pitch
 # harmonics of speech (the decoded audio of steps 0-4000 has none: a noise-excited spectral envelope). From

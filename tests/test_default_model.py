@@ -66,3 +66,49 @@ def test_serve_stream_and_export_with_the_default_model(speech_wav, tmp_path):
     assert main(["export", "--manifest", str(manifest), "--out", str(tmp_path / "tokens")]) == 0
     rows = list(TokenDataset(tmp_path / "tokens"))
     assert len(rows) == 1 and np.array_equal(np.asarray(rows[0]["codes"]), served)
+
+
+def _ship_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "ship_default_model.py"
+    spec = importlib.util.spec_from_file_location("ship_default_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_curve_follows_the_lineage_of_a_fine_tuned_run(tmp_path):
+    """A run fine-tuned from the shipped model (steps_before=N) continues the shipped history at step N; points
+    that an earlier ship wrote beyond N (another branch) are dropped, and a run from scratch starts anew."""
+    from neurocodec.eval.plots import read_validation_curve, write_validation_curve
+
+    history = write_validation_curve({"valid/pesq": {500.0: 1.05, 1000.0: 1.10, 1500.0: 1.07},
+                                      "valid/stoi": {1000.0: 0.70}, "valid/usage_mean": {}}, tmp_path / "history.csv")
+    (tmp_path / "run" / "csv").mkdir(parents=True)
+    # a CSV log as Lightning writes it: training rows with gen_step, validation rows with step only
+    (tmp_path / "run" / "csv" / "metrics.csv").write_text(
+        "step,gen_step,train/mel,valid/pesq,valid/stoi,valid/usage_mean\n"
+        "49,50,0.30,,,\n"
+        "499,,,1.12,0.72,0.9\n"
+        "999,,,1.15,0.74,0.92\n")
+    ship = _ship_script()
+    curve, marks = ship.lineage_curve(tmp_path / "run", history, steps_before=1000)
+    assert curve["valid/pesq"] == {500.0: 1.05, 1000.0: 1.10, 1499.0: 1.12, 1999.0: 1.15}
+    assert curve["valid/stoi"] == {1000.0: 0.70, 1499.0: 0.72, 1999.0: 0.74}
+    assert list(marks) == [1000]
+    # written and read back unchanged: the next fine-tuning continues from it
+    assert read_validation_curve(write_validation_curve(curve, tmp_path / "again.csv")) == curve
+    scratch, marks = ship.lineage_curve(tmp_path / "run", history, steps_before=0)
+    assert scratch["valid/pesq"] == {499.0: 1.12, 999.0: 1.15} and marks == {}
+
+
+def test_shipped_history_ends_at_the_shipped_models_step():
+    """docs/default_model/validation_history.csv is the curve of the weights in the package: it ends at their
+    step, so that a run fine-tuned from them continues it at the right place."""
+    from neurocodec.codecs.checkpoint import lineage_steps
+    from neurocodec.eval.plots import read_validation_curve
+
+    history = read_validation_curve(DEFAULT_MODEL_PATH.parents[2] / "docs" / "default_model" / "validation_history.csv")
+    assert max(history["valid/pesq"]) == lineage_steps(read_metadata(DEFAULT_MODEL_PATH))

@@ -165,7 +165,7 @@ def test_fine_tune_from_the_default_model(tmp_path):
     import yaml
     from safetensors.torch import load_file
 
-    from neurocodec.codecs.checkpoint import DEFAULT_MODEL_PATH, build_codec, save_codec
+    from neurocodec.codecs.checkpoint import DEFAULT_MODEL_PATH, build_codec, lineage_steps, read_metadata, save_codec
 
     shipped = load_file(str(DEFAULT_MODEL_PATH))
     cfg = config("grvq_4cb", "trainer.max_steps=1")  # the default model's network: grvq_4cb, preset tiny
@@ -182,10 +182,19 @@ def test_fine_tune_from_the_default_model(tmp_path):
     assert distance(load_file(str(export.codec_path))[name]) < 0.05 < 0.5 < distance(fresh)
     assert torch.equal(module.codec.quantizer.state_dict()["impl.rvqs.0.layers.0._codebook.initted"], torch.tensor(True))
 
-    # resuming the fine-tuning run keeps the record of where it started
-    fit(config("grvq_4cb", "trainer.max_steps=2"), tmp_path / "ft", ckpt_path=str(tmp_path / "ft" / "checkpoints" / "last.ckpt"))
+    # the exported codec counts the shipped model's steps too (the lineage the default model's curve follows)
+    shipped_steps = lineage_steps(read_metadata(DEFAULT_MODEL_PATH))
+    assert shipped_steps > 0
+    meta = read_metadata(export.codec_path)
+    assert (int(meta["gen_step"]), int(meta["steps_before"]), int(meta["total_steps"])) == (1, shipped_steps, shipped_steps + 1)
+
+    # resuming the fine-tuning run keeps the record of where it started, and its step count
+    _, resumed, export = fit(config("grvq_4cb", "trainer.max_steps=2"), tmp_path / "ft",
+                             ckpt_path=str(tmp_path / "ft" / "checkpoints" / "last.ckpt"))
     saved = yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())
     assert saved["initialised_from"] == "default" and saved["resumed_from"].endswith("last.ckpt")
+    assert resumed.steps_before == shipped_steps
+    assert lineage_steps(read_metadata(export.codec_path)) == shipped_steps + 2
 
     with pytest.raises(UserError, match="network differs"):
         fit(config("grvq_4cb", "trainer.max_steps=1", "model.seanet.channels=16"), tmp_path / "wide", init_from="default")

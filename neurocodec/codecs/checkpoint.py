@@ -132,6 +132,12 @@ def read_metadata(path: str | Path) -> dict:
         return dict(f.metadata() or {})
 
 
+def lineage_steps(meta: dict) -> int:
+    """Generator steps behind a codec file, counting those of the models it was fine-tuned from (--init_from):
+    training writes `total_steps`; files written before it existed only have their own run's `gen_step`."""
+    return int(meta.get("total_steps") or meta.get("gen_step") or 0)
+
+
 def load_weights_for_training(codec: torch.nn.Module, spec: str | Path) -> dict:
     """Fine-tuning: copy the weights of a codec file (`default`, or a `.safetensors` that training exported)
     into a freshly built training codec with the same network. Returns the file's metadata.

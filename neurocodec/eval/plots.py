@@ -173,12 +173,16 @@ def plot_usage_by_frames(curves: dict[str, list[dict]], entries: int, path: str 
     return Path(path)
 
 
-def plot_training_curve(metrics_csv: str | Path, path: str | Path) -> Path | None:
-    """Validation PESQ-WB / STOI / codebook usage against generator steps, from a run's CSV log."""
+VALIDATION_CURVE_KEYS = ("valid/pesq", "valid/stoi", "valid/usage_mean")
+
+
+def read_validation_curve(metrics_csv: str | Path, step_offset: int = 0) -> dict[str, dict[float, float]]:
+    """Validation PESQ-WB / STOI / codebook usage by generator step (+ `step_offset`) from a run's CSV log,
+    or from a curve file that `write_validation_curve` wrote: {key: {step: value}}."""
     import csv
 
     # step -> value; a resumed run logs again the steps after its checkpoint, and its rows (later) win
-    series: dict[str, dict[float, float]] = {"valid/pesq": {}, "valid/stoi": {}, "valid/usage_mean": {}}
+    series: dict[str, dict[float, float]] = {key: {} for key in VALIDATION_CURVE_KEYS}
     with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
             # Validation rows carry no gen_step; their `step` is Lightning's batch count, which is the
@@ -186,7 +190,29 @@ def plot_training_curve(metrics_csv: str | Path, path: str | Path) -> Path | Non
             step = row.get("gen_step") or row.get("step")
             for key, points in series.items():
                 if row.get(key) and step:
-                    points[float(step)] = float(row[key])
+                    points[float(step) + step_offset] = float(row[key])
+    return series
+
+
+def write_validation_curve(series: dict[str, dict[float, float]], path: str | Path) -> Path:
+    """Save a curve as CSV (step + one column per key; blank where a step lacks a value), atomically."""
+    import csv
+
+    path = Path(path)
+    steps = sorted({step for points in series.values() for step in points})
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["step", *series])
+        for step in steps:
+            out.writerow([f"{step:g}", *(f"{points[step]:.4f}" if step in points else "" for points in series.values())])
+    tmp.replace(path)
+    return path
+
+
+def plot_training_curve(series: dict[str, dict[float, float]], path: str | Path,
+                        marks: dict[float, str] | None = None) -> Path | None:
+    """Plot a validation curve (`read_validation_curve`); `marks`: {step: label} drawn as dashed lines."""
     if not any(series.values()):
         return None
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -196,6 +222,10 @@ def plot_training_curve(metrics_csv: str | Path, path: str | Path) -> Path | Non
         if points:
             steps, values = zip(*sorted(points.items()))
             ax.plot(steps, values, marker="o", color="tab:blue")
+        for step, label in (marks or {}).items():
+            ax.axvline(step, color="tab:gray", linestyle="--", linewidth=1)
+            ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                        textcoords="offset points", fontsize=7, color="tab:gray")
         ax.set_title(titles[key])
         ax.set_xlabel("generator steps")
         ax.grid(alpha=0.3)

@@ -69,6 +69,7 @@ class ImageTrainingModule(L.LightningModule):
         self.ema = (WeightEMA(codec, config.optim.ema_decay, live_prefixes=("encoder.", "quantizer."))
                     if config.optim.ema_decay > 0 else None)
         self.register_buffer("gen_step", torch.zeros((), dtype=torch.long))
+        self.steps_before = 0  # as the audio module: steps of the model this run was fine-tuned from
         self._val: dict = {}
 
     def configure_optimizers(self):
@@ -189,7 +190,10 @@ class ImageTrainingModule(L.LightningModule):
         self._val = {}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["neurocodec"] = {"gen_step": int(self.gen_step)}
+        checkpoint["neurocodec"] = {"gen_step": int(self.gen_step), "steps_before": self.steps_before}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.steps_before = int((checkpoint.get("neurocodec") or {}).get("steps_before", 0))
 
 
 def build_trainer(config: ImageTrainConfig, run_dir: Path, world: int, extra_callbacks=(), loggers: bool = True):
@@ -235,7 +239,7 @@ def resolve_image_config(args) -> ImageTrainConfig:
 
 def run_image_training(config: ImageTrainConfig, run_dir: Path, ckpt_path: str | None = None, loggers: bool = True,
                        extra_callbacks=(), init_from: str | None = None):
-    from ..codecs.checkpoint import build_codec, load_weights_for_training
+    from ..codecs.checkpoint import build_codec, lineage_steps, load_weights_for_training
     from ..train.fit import fit_in_run_dir, world_size
 
     run_dir = Path(run_dir)
@@ -244,9 +248,11 @@ def run_image_training(config: ImageTrainConfig, run_dir: Path, ckpt_path: str |
     world = world_size(config.trainer)
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
     codec = build_codec(config.model, sync_codebook=world > 1, name=run_dir.name)
-    if init_from is not None:  # fine-tuning (see --init_from in train/fit.py)
-        load_weights_for_training(codec, init_from)
+    # fine-tuning (see --init_from in train/fit.py); weights first, as the module's weight EMA starts from them
+    init_meta = load_weights_for_training(codec, init_from) if init_from is not None else None
     module = ImageTrainingModule(config, codec)
+    if init_meta is not None:
+        module.steps_before = lineage_steps(init_meta)
     datamodule = ImageDataModule(config.data, codec.downsample, seed=config.trainer.seed)
     trainer, export = build_trainer(config, run_dir, world, extra_callbacks, loggers)
     fit_in_run_dir(trainer, module, datamodule, config, run_dir, ckpt_path, init_from)

@@ -58,7 +58,8 @@ class CodecExport(L.Callback):
             return
         codec = module.averaged_codec()
         save_codec(codec, self.codec_path, metadata={
-            "gen_step": int(module.gen_step), "config_name": self.config_name,
+            "gen_step": int(module.gen_step), "steps_before": module.steps_before,
+            "total_steps": module.steps_before + int(module.gen_step), "config_name": self.config_name,
             "ema": module.ema is not None, "run_dir": str(self.run_dir)})
 
     def on_save_checkpoint(self, trainer, module, checkpoint) -> None:

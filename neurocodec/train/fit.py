@@ -232,7 +232,7 @@ def run_training(config: TrainConfig, run_dir: Path, ckpt_path: str | None = Non
     `init_from`: a codec file whose weights the codec starts from (fine-tuning; see --init_from)."""
     import lightning as L
 
-    from ..codecs.checkpoint import build_codec, load_weights_for_training
+    from ..codecs.checkpoint import build_codec, lineage_steps, load_weights_for_training
     from .datamodule import CodecDataModule
     from .module import CodecTrainingModule
 
@@ -243,9 +243,11 @@ def run_training(config: TrainConfig, run_dir: Path, ckpt_path: str | None = Non
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
     label = run_dir.name
     codec = build_codec(config.model, sync_codebook=world > 1, name=label)
-    if init_from is not None:  # before the module: its weight EMA starts from these weights too
-        load_weights_for_training(codec, init_from)
-    module = CodecTrainingModule(config, codec, fine_tuning=init_from is not None)
+    # Weights first: the module's weight EMA starts from them.
+    init_meta = load_weights_for_training(codec, init_from) if init_from is not None else None
+    module = CodecTrainingModule(config, codec, fine_tuning=init_meta is not None)
+    if init_meta is not None:
+        module.steps_before = lineage_steps(init_meta)
     if datamodule is None:
         datamodule = CodecDataModule(config.data, codec.sample_rate, codec.frame_size, seed=config.trainer.seed)
     trainer, export = build_trainer(config, run_dir, world, extra_callbacks, loggers)
@@ -330,7 +332,8 @@ def print_or_train(args: FitArgs, config, run) -> tuple[Path, "CodecExport"] | N
     trainer, module, export = run(config, run_dir, args.ckpt_path, init_from=args.init_from)
     if not trainer.is_global_zero:
         return None
-    print(f"\nTrained {int(module.gen_step)} generator steps ({config.name}"
+    before = f" on top of the {module.steps_before} of the model it started from" if module.steps_before else ""
+    print(f"\nTrained {int(module.gen_step)} generator steps{before} ({config.name}"
           f"{':' + config.preset if config.preset else ''}); run folder {run_dir}")
     return run_dir, export
 

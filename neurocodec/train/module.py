@@ -65,6 +65,9 @@ class CodecTrainingModule(L.LightningModule):
         self.ema = (WeightEMA(codec, config.optim.ema_decay, live_prefixes=("encoder.", "quantizer."))
                     if config.optim.ema_decay > 0 else None)
         self.register_buffer("gen_step", torch.zeros((), dtype=torch.long))
+        # Generator steps of the model this run was fine-tuned from (--init_from), so that the exported codec
+        # knows its whole training (`total_steps`); kept in checkpoints beside gen_step.
+        self.steps_before = 0
         # Frozen semantic teacher (codecs/teacher.py) for families that train against one. Kept out of the
         # module's registered children (set through __dict__): it is not in Lightning checkpoints, not
         # wrapped by DDP, not in the EMA, not exported; `teacher_features` moves it to the batch's device.
@@ -315,10 +318,12 @@ class CodecTrainingModule(L.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["neurocodec"] = {"gen_step": int(self.gen_step), "rng": _get_rng_state()}
+        checkpoint["neurocodec"] = {"gen_step": int(self.gen_step), "rng": _get_rng_state(),
+                                    "steps_before": self.steps_before}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         extra = checkpoint.get("neurocodec") or {}
+        self.steps_before = int(extra.get("steps_before", 0))
         if "rng" in extra:
             self._pending_rng = extra["rng"]
         # The losses' buffers (mel filterbanks, windows) follow from the loss config and are not learnt: take
