@@ -95,13 +95,14 @@ def test_training_curve_follows_the_lineage_of_a_fine_tuned_run(tmp_path):
         "999,,,1.15,0.74,0.92\n")
     ship = _ship_script()
     curve, marks = ship.lineage_curve(tmp_path / "run", history, steps_before=1000)
-    assert curve["valid/pesq"] == {500.0: 1.05, 1000.0: 1.10, 1499.0: 1.12, 1999.0: 1.15}
-    assert curve["valid/stoi"] == {1000.0: 0.70, 1499.0: 0.72, 1999.0: 0.74}
+    # validation after 500 steps is logged at Lightning's step 499: the curve says 500
+    assert curve["valid/pesq"] == {500.0: 1.05, 1000.0: 1.10, 1500.0: 1.12, 2000.0: 1.15}
+    assert curve["valid/stoi"] == {1000.0: 0.70, 1500.0: 0.72, 2000.0: 0.74}
     assert list(marks) == [1000]
     # written and read back unchanged: the next fine-tuning continues from it
     assert read_validation_curve(write_validation_curve(curve, tmp_path / "again.csv")) == curve
     scratch, marks = ship.lineage_curve(tmp_path / "run", history, steps_before=0)
-    assert scratch["valid/pesq"] == {499.0: 1.12, 999.0: 1.15} and marks == {}
+    assert scratch["valid/pesq"] == {500.0: 1.12, 1000.0: 1.15} and marks == {}
 
 
 def test_shipped_history_ends_at_the_shipped_models_step():

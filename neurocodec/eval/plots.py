@@ -185,17 +185,23 @@ def read_validation_curve(metrics_csv: str | Path, step_offset: int = 0) -> dict
     series: dict[str, dict[float, float]] = {key: {} for key in VALIDATION_CURVE_KEYS}
     with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
-            # Validation rows carry no gen_step; their `step` is Lightning's batch count, which is the
-            # generator step (one batch = one G step, whatever the D steps).
-            step = row.get("gen_step") or row.get("step")
+            # Validation rows carry no gen_step; their `step` is Lightning's 0-based index of the last batch
+            # (one batch = one G step, whatever the D steps), so the generator steps done are step + 1.
+            # Curve files (write_validation_curve) have a gen_step column.
+            if row.get("gen_step"):
+                step = float(row["gen_step"])
+            elif row.get("step"):
+                step = float(row["step"]) + 1
+            else:
+                continue
             for key, points in series.items():
-                if row.get(key) and step:
-                    points[float(step) + step_offset] = float(row[key])
+                if row.get(key):
+                    points[step + step_offset] = float(row[key])
     return series
 
 
 def write_validation_curve(series: dict[str, dict[float, float]], path: str | Path) -> Path:
-    """Save a curve as CSV (step + one column per key; blank where a step lacks a value), atomically."""
+    """Save a curve as CSV (gen_step + one column per key; blank where a step lacks a value), atomically."""
     import csv
 
     path = Path(path)
@@ -203,7 +209,7 @@ def write_validation_curve(series: dict[str, dict[float, float]], path: str | Pa
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["step", *series])
+        out.writerow(["gen_step", *series])
         for step in steps:
             out.writerow([f"{step:g}", *(f"{points[step]:.4f}" if step in points else "" for points in series.values())])
     tmp.replace(path)
