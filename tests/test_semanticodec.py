@@ -187,5 +187,10 @@ def test_training_setup_errors_are_one_line(kmeans_file, tmp_path):
         module(f"model.semanticodec.kmeans={tmp_path / 'none.safetensors'}")
     with pytest.raises(ConfigError, match="semantic.strides"):
         build_codec(config("semanticodec", "model.semanticodec.semantic.strides=[2,4,5]").model)
+    # a teacher of another width is refused before anything else, fine-tuning included
+    wide = config("semanticodec", f"model.semanticodec.kmeans={kmeans_file}", "model.semanticodec.teacher_dim=48")
+    for fine_tuning in (False, True):
+        with pytest.raises(ConfigError, match="the teacher gives 32-d features; model.semanticodec.teacher_dim is 48"):
+            CodecTrainingModule(wide, build_codec(wide.model), fine_tuning=fine_tuning)
     teacher = build_teacher(config("semanticodec").teacher)
     assert teacher.dim == 32  # the tiny preset's teacher matches its teacher_dim

@@ -278,7 +278,9 @@ class Quantizer(nn.Module):
             self.impl = VectorQuantize(dim=dim, codebook_size=c.codebook_size, codebook_dim=c.codebook_dim, **ema)
         elif c.kind == "lfq":
             self.impl = LFQ(dim=dim, codebook_size=c.codebook_size, entropy_loss_weight=c.entropy_loss_weight)
-            assert not self.impl.orthogonal_rotation  # encode() reads entries from the unrotated signs
+            if getattr(self.impl, "orthogonal_rotation", False):  # a library default we rely on (see encode)
+                raise RuntimeError("vector-quantize-pytorch's LFQ rotates latents here; encode() reads entries from "
+                                   "unrotated signs")
             if c.code_balance_weight > 0:
                 self.code_balance = CodeBalance(self.impl.codebook, c.code_balance_decay)
         if c.kind in ("fsq", "lfq") and isinstance(getattr(self.impl, "project_out", None), nn.Linear):

@@ -187,10 +187,10 @@ class SemantiCodec(Codec):
         from .kmeans import load_kmeans
 
         opts = self.options
+        if teacher.dim != opts.teacher_dim:
+            raise ConfigError(f"the teacher gives {teacher.dim}-d features; model.semanticodec.teacher_dim is "
+                              f"{opts.teacher_dim}: they must agree")
         if fine_tuning:
-            if teacher.dim != opts.teacher_dim:
-                raise ConfigError(f"the teacher gives {teacher.dim}-d features; model.semanticodec.teacher_dim is "
-                                  f"{opts.teacher_dim}: they must agree")
             return
         if not opts.kmeans:
             with torch.no_grad():
@@ -203,9 +203,9 @@ class SemantiCodec(Codec):
         where = f"model.semanticodec.kmeans {opts.kmeans}"
         if centroids.shape[0] != opts.clusters:
             raise ConfigError(f"{where} has {centroids.shape[0]} clusters; model.semanticodec.clusters is {opts.clusters}")
-        if centroids.shape[1] != opts.teacher_dim or teacher.dim != opts.teacher_dim:
-            raise ConfigError(f"{where} holds {centroids.shape[1]}-d centroids, the teacher gives {teacher.dim}-d "
-                              f"features and model.semanticodec.teacher_dim is {opts.teacher_dim}: they must agree")
+        if centroids.shape[1] != opts.teacher_dim:
+            raise ConfigError(f"{where} holds {centroids.shape[1]}-d centroids; the teacher and "
+                              f"model.semanticodec.teacher_dim give {opts.teacher_dim}-d features: they must agree")
         if meta.get("teacher") != teacher.config.describe() or int(meta.get("layer", -1)) != teacher.layer:
             raise ConfigError(f"{where} was fitted on teacher {meta.get('teacher')!r} layer {meta.get('layer')}, "
                               f"but training uses {teacher.config.describe()!r} layer {teacher.layer}")
