@@ -296,3 +296,23 @@ def test_cli_rejects_unknown_and_mistyped_options(capsys):
     for option in ("--trainer.max_steps", "--optim.disc_start_step", "--disc.kinds", "--loss.mel",
                    "--data.manifest", "--model.quantizer.kind", "--trainer.precision"):
         assert option in out
+
+
+def test_progress_bar_of_a_resumed_run_rates_only_its_own_steps():
+    """Resuming at step 5,000 and taking 10 steps in 2 s shows 5 it/s, not 5,010 / 2."""
+    import re
+    from types import SimpleNamespace
+
+    from neurocodec.train.progress import GeneratorStepBar
+
+    bar = GeneratorStepBar(max_steps=10_000)
+    bar.on_train_start(trainer=None, pl_module=SimpleNamespace(gen_step=torch.tensor(5_000)))
+    tqdm_bar = bar.train_progress_bar
+    assert (tqdm_bar.n, tqdm_bar.total) == (5_000, 10_000)
+    tqdm_bar.start_t -= 2.0  # as if training had started 2 s ago
+    tqdm_bar.n = 5_010
+    shown = tqdm_bar.format_meter(**tqdm_bar.format_dict)
+    tqdm_bar.close()
+    assert "5010/10000" in shown
+    rate = float(re.search(r"([0-9.]+)it/s", shown).group(1))
+    assert 4.0 < rate < 5.1, shown
