@@ -159,6 +159,32 @@ def test_tiny_image_codec_trains_and_lowers_its_loss(tmp_path, image_folder):
         parse_image_train_config({**raw, "data": {**raw["data"], "crop": "big"}})
 
 
+
+def test_image_fine_tuning_counts_the_steps_of_the_model_it_started_from(tmp_path, image_folder):
+    """--init_from for image codecs: the exported codec's total_steps counts the parent's steps, resume keeps it."""
+    from neurocodec.codecs.checkpoint import lineage_steps, read_metadata
+    from neurocodec.image.train import parse_image_train_config, run_image_training
+
+    def config(max_steps: int):
+        return parse_image_train_config({
+            "name": "image_ft", "model": model_section("rfsq"),
+            "data": {"train": str(image_folder), "valid": str(image_folder), "crop": 32, "valid_crop": 32,
+                     "batch_size": 2, "valid_batch_size": 2, "epoch_length": 4, "valid_crops_per_image": 1},
+            "loss": {"adversarial": 0.0, "feature": 0.0}, "optim": {"disc_start_step": 100},
+            "trainer": {"max_steps": max_steps, "val_every": 100, "accelerator": "cpu", "enable_progress_bar": False}})
+
+    _, _, parent = run_image_training(config(3), tmp_path / "parent", loggers=False)
+    assert lineage_steps(read_metadata(parent.codec_path)) == 3
+    _, child, export = run_image_training(config(2), tmp_path / "child", loggers=False, init_from=str(parent.codec_path))
+    meta = read_metadata(export.codec_path)
+    assert (int(meta["gen_step"]), int(meta["steps_before"]), int(meta["total_steps"])) == (2, 3, 5)
+    _, resumed, export = run_image_training(config(4), tmp_path / "child", loggers=False,
+                                            ckpt_path=str(tmp_path / "child" / "checkpoints" / "last.ckpt"))
+    assert (int(resumed.gen_step), resumed.steps_before) == (4, 3)
+    assert lineage_steps(read_metadata(export.codec_path)) == 7
+    with pytest.raises(UserError, match="the default model is an audio codec"):
+        run_image_training(config(1), tmp_path / "x", loggers=False, init_from="default")
+
 def test_fit_dispatches_image_configs(image_folder, tmp_path, capsys):
     from neurocodec.train.fit import main as fit_main
 
