@@ -253,6 +253,22 @@ def test_eval_cli_end_to_end(speech_clips, tmp_path, capsys):
     assert "| ours K=4 | 2.00 |" in printed and "error: missing" in printed and "UNTRAINED" in printed
     assert (report / "report.md").is_file() and (report / "spectrograms.png").is_file()
     assert json.loads((report / "results.json").read_text())["systems"] == payload["systems"]
+    diffs = [c["systems"]["ours K=4"]["pesq"] - c["systems"]["Opus 6 kbps"]["pesq"] for c in payload["clips"] if "systems" in c]
+    assert f"(paired over the 2 clips: {np.mean(diffs):+.3f} ± " in (report / "report.md").read_text()
+
+
+def test_paired_difference_uses_only_clips_both_systems_scored():
+    from neurocodec.eval.report import paired_difference
+
+    clips = [{"systems": {"a": {"pesq": 2.0}, "b": {"pesq": 1.5}}},
+             {"systems": {"a": {"pesq": 1.0}, "b": {"pesq": 1.3}}},
+             {"systems": {"a": {"pesq": 1.8}, "b": {"pesq": 1.6}}},
+             {"systems": {"a": {"pesq": 4.5}}},  # b failed on this clip: not a pair
+             {"systems": {"b": {"pesq": 1.0}}}]
+    diff = paired_difference({"clips": clips}, "a", "b")
+    assert diff["n"] == 3 and diff["mean"] == pytest.approx((0.5 - 0.3 + 0.2) / 3)
+    lo, hi = diff["ci95"]
+    assert lo < diff["mean"] < hi and (hi - lo) / 2 == pytest.approx(4.303 * np.std([0.5, -0.3, 0.2], ddof=1) / 3 ** 0.5, rel=1e-3)
 
 
 @pytest.mark.parametrize("argv, message", [

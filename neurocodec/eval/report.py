@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from .runner import CI_NOTE, METRIC_LABELS, EvalResult
+from .runner import CI_NOTE, METRIC_LABELS, EvalResult, summarize
 
 TABLE_METRICS = ("pesq", "stoi", "mel_distance", "si_sdr", "pesq_nb")
 
@@ -54,6 +54,18 @@ def codebook_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_difference(payload: dict, system: str, other: str, metric: str = "pesq") -> dict:
+    """`system` minus `other` clip by clip, over the clips both scored: `summarize` of the differences. Both
+    rows score the same clips, so this interval is much narrower than the two rows' own intervals suggest."""
+    diffs = []
+    for clip in payload.get("clips", []):
+        scores = clip.get("systems", {})
+        a, b = (scores.get(system) or {}).get(metric), (scores.get(other) or {}).get(metric)
+        if a is not None and b is not None:
+            diffs.append(a - b)
+    return summarize(diffs)
+
+
 def target_lines(payload: dict) -> list[str]:
     """DESIGN.md's quality and codebook-usage targets, checked on this evaluation (when it has the rows)."""
     rows = {r["system"]: r for r in payload["systems"]}
@@ -63,8 +75,14 @@ def target_lines(payload: dict) -> list[str]:
     if ours and opus6 and opus6["pesq"]["mean"] is not None:
         best = min(ours, key=lambda r: abs(r["kbps"] - 2.0))  # the target is stated at 2 kbps
         met = best["pesq"]["mean"] >= opus6["pesq"]["mean"]
+        diff = paired_difference(payload, best["system"], opus6["system"])
+        paired = ""
+        if diff["ci95"] is not None:
+            half = (diff["ci95"][1] - diff["ci95"][0]) / 2
+            paired = f" (paired over the {diff['n']} clips: {diff['mean']:+.3f} ± {half:.3f}, 95% CI)"
         lines.append(f"- target *PESQ-WB at 2 kbps >= Opus 6 kbps*: {best['system']} ({best['kbps']:.2f} kbps) "
-                     f"{best['pesq']['mean']:.2f} vs {opus6['pesq']['mean']:.2f} -> **{'met' if met else 'not met'}**")
+                     f"{best['pesq']['mean']:.2f} vs {opus6['pesq']['mean']:.2f}{paired} -> "
+                     f"**{'met' if met else 'not met'}**")
     for k, cbs in payload.get("codebooks", {}).items():
         low = min(c["usage"] for c in cbs)
         lines.append(f"- target *>= 95% of codebook entries used* ({k}): smallest usage {100 * low:.1f}% -> "
