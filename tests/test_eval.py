@@ -251,6 +251,7 @@ def test_eval_cli_end_to_end(speech_clips, tmp_path, capsys):
     assert payload["data"]["n_clips"] == 3 and payload["data"]["n_scored"] == 2
     assert [e["clip"] for e in payload["errors"]] == ["missing"]
     assert "| ours K=4 | 2.00 |" in printed and "error: missing" in printed and "UNTRAINED" in printed
+    assert "- target PESQ-WB at 2 kbps >= Opus 6 kbps: ours K=4 (2.00 kbps)" in printed
     assert (report / "report.md").is_file() and (report / "spectrograms.png").is_file()
     assert json.loads((report / "results.json").read_text())["systems"] == payload["systems"]
     diffs = [c["systems"]["ours K=4"]["pesq"] - c["systems"]["Opus 6 kbps"]["pesq"] for c in payload["clips"] if "systems" in c]

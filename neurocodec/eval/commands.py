@@ -71,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from ..codecs.checkpoint import load_codec
     from .baselines import parse_baselines
-    from .report import results_table, write_json, write_report
+    from .report import results_table, target_lines, write_json, write_report
     from .runner import BITRATE_NOTE, evaluate, find_clips
 
     from ..image import spec_is_image
@@ -99,6 +99,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print("note: UNTRAINED model (random weights from the config): these scores prove the pipeline only")
     print(results_table(payload))
     print(f"(mean ± 95% t-interval half-width; our kbps: {BITRATE_NOTE})")
+    for line in target_lines(payload):
+        print(line.replace("*", ""))  # Markdown emphasis is noise on a terminal
     for e in payload["errors"]:
         who = f" [{e['system']}]" if e.get("system") else ""
         print(f"error: {e['clip']}{who}: {e['error']}")

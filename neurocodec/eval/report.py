@@ -67,7 +67,8 @@ def paired_difference(payload: dict, system: str, other: str, metric: str = "pes
 
 
 def target_lines(payload: dict) -> list[str]:
-    """DESIGN.md's quality and codebook-usage targets, checked on this evaluation (when it has the rows)."""
+    """DESIGN.md's quality and codebook-usage targets, checked on this evaluation (when it has the rows): one
+    Markdown bullet each."""
     rows = {r["system"]: r for r in payload["systems"]}
     ours = [r for r in payload["systems"] if r["kind"] == "model" and r["pesq"]["mean"] is not None]
     opus6 = rows.get("Opus 6 kbps")
@@ -87,7 +88,7 @@ def target_lines(payload: dict) -> list[str]:
         low = min(c["usage"] for c in cbs)
         lines.append(f"- target *>= 95% of codebook entries used* ({k}): smallest usage {100 * low:.1f}% -> "
                      f"**{'met' if low >= 0.95 else 'not met'}**")
-    return (["Targets (DESIGN.md):", ""] + lines + [""]) if lines else []
+    return lines
 
 
 def write_json(result: EvalResult | dict, path: str | Path) -> Path:
@@ -140,7 +141,9 @@ def markdown(payload: dict, figures: dict[str, str] | None = None, title: str | 
     if command:
         out += [f"- command: `{command}`"]
     out += ["", "## Results", "", results_table(payload), ""]
-    out += target_lines(payload)
+    targets = target_lines(payload)
+    if targets:
+        out += ["Targets (DESIGN.md):", "", *targets, ""]
     entropy = model.get("entropy_kbps") or {}
     if entropy:
         out += ["Entropy of the codes over the set (the rate an entropy coder could reach): " +
