@@ -56,7 +56,7 @@ def codebook_table(payload: dict) -> str:
 
 def paired_difference(payload: dict, system: str, other: str, metric: str = "pesq") -> dict:
     """`system` minus `other` clip by clip, over the clips both scored: `summarize` of the differences. Both
-    rows score the same clips, so this interval is much narrower than the two rows' own intervals suggest."""
+    rows score the same clips, so clip difficulty cancels: this interval is usually far narrower than the rows' own."""
     diffs = []
     for clip in payload.get("clips", []):
         scores = clip.get("systems", {})
