@@ -175,7 +175,8 @@ def test_image_fine_tuning_counts_the_steps_of_the_model_it_started_from(tmp_pat
 
     _, _, parent = run_image_training(config(3), tmp_path / "parent", loggers=False)
     assert lineage_steps(read_metadata(parent.codec_path)) == 3
-    _, child, export = run_image_training(config(2), tmp_path / "child", loggers=False, init_from=str(parent.codec_path))
+    _, _, export = run_image_training(config(2), tmp_path / "child", loggers=False,
+                                      init_from=str(parent.codec_path))
     meta = read_metadata(export.codec_path)
     assert (int(meta["gen_step"]), int(meta["steps_before"]), int(meta["total_steps"])) == (2, 3, 5)
     _, resumed, export = run_image_training(config(4), tmp_path / "child", loggers=False,
