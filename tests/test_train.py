@@ -316,3 +316,19 @@ def test_progress_bar_of_a_resumed_run_rates_only_its_own_steps():
     assert "5010/10000" in shown
     rate = float(re.search(r"([0-9.]+)it/s", shown).group(1))
     assert 4.0 < rate < 5.1, shown
+
+
+def test_resume_hint_after_a_time_limit_asks_for_more_time():
+    """A run stopped by max_time resumes only with a larger max_time (Lightning restores the timer's count)."""
+    from neurocodec.train.config import TrainerConfig
+    from neurocodec.train.fit import resume_hint
+
+    timed = TrainerConfig(max_steps=200_000, max_time="00:03:40:00")
+    hint = resume_hint(Path("runs/x"), timed, gen_step=32_386)
+    assert hint.startswith("python train/fit.py --ckpt_path runs/x/checkpoints/last.ckpt --trainer.max_time 00:07:20:00 ")
+    assert "already trained counts" in hint
+    assert resume_hint(Path("runs/x"), TrainerConfig(max_time="01:20:00:30"), gen_step=5).split()[5] == "03:16:01:00"
+    # reached max_steps (or no time limit): more steps
+    finished = TrainerConfig(max_steps=100, max_time="00:01:00:00")
+    assert resume_hint(Path("runs/x"), finished, 100).endswith("--trainer.max_steps 200")
+    assert resume_hint(Path("runs/x"), TrainerConfig(max_steps=100), 40).endswith("--trainer.max_steps 200")

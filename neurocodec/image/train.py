@@ -261,7 +261,7 @@ def run_image_training(config: ImageTrainConfig, run_dir: Path, ckpt_path: str |
 
 def main(args) -> int:
     """`train/fit.py` for image configs (`args`: `neurocodec.train.fit.FitArgs`)."""
-    from ..train.fit import print_or_train
+    from ..train.fit import print_or_train, resume_hint
 
     if args.help:
         from .model import ImageNetConfig
@@ -287,6 +287,5 @@ def main(args) -> int:
               f"  neurocodec encode photo.png -o tokens.npy --model {codec}\n"
               f"  neurocodec decode tokens.npy -o decoded.png --model {codec}\n"
               f"  neurocodec eval --model {codec} --data data/images/test --report docs/image\n"
-              f"resume: python train/fit.py --ckpt_path {run_dir / 'checkpoints' / 'last.ckpt'} "
-              f"--trainer.max_steps {config.trainer.max_steps * 2}")
+              f"resume: {resume_hint(run_dir, config.trainer, export.summary.get('gen_step', 0))}")
     return 0

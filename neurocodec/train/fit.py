@@ -285,6 +285,18 @@ def fit_in_run_dir(trainer, module, datamodule, config, run_dir: Path, ckpt_path
         os.environ.pop(RUN_DIR_ENV, None)
 
 
+def resume_hint(run_dir: Path, t, gen_step: int) -> str:
+    """The command that continues a finished run. A run stopped by `trainer.max_time` needs a larger max_time, not
+    more steps: Lightning's timer restores the time already trained, so the same max_time stops it at once."""
+    command = f"python train/fit.py --ckpt_path {Path(run_dir) / 'checkpoints' / 'last.ckpt'}"
+    if t.max_time and gen_step < t.max_steps:
+        days, hours, minutes, seconds = (int(x) for x in str(t.max_time).split(":"))
+        total = 2 * (((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+        doubled = f"{total // 86400:02d}:{total // 3600 % 24:02d}:{total // 60 % 60:02d}:{total % 60:02d}"
+        return f"{command} --trainer.max_time {doubled}  (the time already trained counts towards it)"
+    return f"{command} --trainer.max_steps {t.max_steps * 2}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -314,8 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"EMA codec: {codec}\n"
               f"  neurocodec encode speech.wav -o codes.npy --model {codec}\n"
               f"  neurocodec decode codes.npy -o decoded.wav --model {codec}\n"
-              f"resume: python train/fit.py --ckpt_path {run_dir / 'checkpoints' / 'last.ckpt'} "
-              f"--trainer.max_steps {config.trainer.max_steps * 2}\n"
+              f"resume: {resume_hint(run_dir, config.trainer, s.get('gen_step', 0))}\n"
               f"logs: tensorboard --logdir {run_dir / 'tb'}")
     return 0
 
