@@ -312,3 +312,15 @@ def test_benchmarks_markdown_from_results(tmp_path):
     assert "serve_latency" in md and "| throughput | 12.5 |" in md and "| gan.median_step_s | 0.25 |" in md
     assert "unreadable" in md
     assert data["machine"]["cpu_model"] in md
+
+
+def test_the_default_model_is_described_as_the_trained_checkpoint_it_is():
+    """`--model default` names the shipped weights: reports must not call it untrained."""
+    from neurocodec.codecs.checkpoint import DEFAULT_MODEL_PATH, file_sha256, load_codec
+    from neurocodec.eval.runner import model_description
+
+    described = model_description(load_codec("default"), "default")
+    assert described["trained"] is True and "note" not in described
+    assert described["checkpoint_sha256"] == file_sha256(DEFAULT_MODEL_PATH)
+    assert int(described["checkpoint_metadata"]["total_steps"]) > 0
+    assert model_description(load_codec("grvq_4cb:tiny"), "grvq_4cb:tiny")["trained"] is False

@@ -168,11 +168,12 @@ def default_num_codebooks(codec) -> list[int]:
 def model_description(codec, spec: str) -> dict:
     info = dict(codec.info())
     info["spec"] = str(spec)
-    path = Path(str(spec))
-    if str(spec).endswith(".safetensors") and path.is_file():
-        from ..codecs.checkpoint import file_sha256, read_metadata
+    from ..codecs.checkpoint import DEFAULT_MODEL_PATH, file_sha256, read_metadata
+    from ..config import DEFAULT_MODEL
 
-        info["checkpoint"] = str(spec)
+    path = DEFAULT_MODEL_PATH if str(spec) == DEFAULT_MODEL else Path(str(spec))  # `default` is a shipped file
+    if path.suffix == ".safetensors" and path.is_file():
+        info["checkpoint"] = str(path)
         info["checkpoint_sha256"] = file_sha256(path)
         meta = {k: v for k, v in read_metadata(path).items() if k not in ("config", "format")}
         info["checkpoint_metadata"] = meta
