@@ -10,6 +10,7 @@ under runs/ (`*.safetensors`), else the untrained `grvq_4cb:tiny` (marked so in 
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -67,13 +68,17 @@ def main() -> None:
         met = {True: "met", False: "NOT met", None: ""}[f.get("met")] if "met" in f else ""
         print(f"{f['metric']}: {f['value']:.3f}{ratio} {met}")
     trained = result.model["trained"]
+    frames_per_entry = result.data["seconds"] * codec.frame_rate / max(codec.cardinality)
     write_result("quality", {
         "title": "Quality vs Opus 6 kbps (held-out speaker)" + ("" if trained else " — UNTRAINED model"),
         "figures": figures,
         "params": {"model": _rel(spec), "trained": trained, "data": _rel(args.data), "split": args.split,
-                   "clips": result.data["n_scored"], "seconds": result.data["seconds"]},
+                   "clips": result.data["n_scored"], "seconds": result.data["seconds"],
+                   "frames_per_entry": round(frames_per_entry, 1)},
         "notes": "PESQ-WB at 16 kHz after time alignment; mean over clips. Ours: nominal bitrate "
-                 "(sum log2(cardinality) x frame rate). Opus: opusenc --hard-cbr --bitrate 6.",
+                 "(sum log2(cardinality) x frame rate). Opus: opusenc --hard-cbr --bitrate 6. Codebook usage "
+                 f"grows with the set: here {frames_per_entry:.1f} frames per entry, where perfectly uniform codes "
+                 f"would use {1 - math.exp(-frames_per_entry):.0%} of the entries (1 - e^-n).",
     }, quick=args.quick)
 
 
