@@ -326,7 +326,7 @@ def test_resume_hint_after_a_time_limit_asks_for_more_time():
     timed = TrainerConfig(max_steps=200_000, max_time="00:03:40:00")
     hint = resume_hint(Path("runs/x"), timed, gen_step=32_386)
     assert hint.startswith("python train/fit.py --ckpt_path runs/x/checkpoints/last.ckpt --trainer.max_time 00:07:20:00 ")
-    assert "already trained counts" in hint
+    assert hint.endswith("  # the time already trained counts towards it")  # pastes as one command
     assert resume_hint(Path("runs/x"), TrainerConfig(max_time="01:20:00:30"), gen_step=5).split()[5] == "03:16:01:00"
     # reached max_steps (or no time limit): more steps
     finished = TrainerConfig(max_steps=100, max_time="00:01:00:00")

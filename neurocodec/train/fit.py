@@ -293,7 +293,8 @@ def resume_hint(run_dir: Path, t, gen_step: int) -> str:
         days, hours, minutes, seconds = (int(x) for x in str(t.max_time).split(":"))
         total = 2 * (((days * 24 + hours) * 60 + minutes) * 60 + seconds)
         doubled = f"{total // 86400:02d}:{total // 3600 % 24:02d}:{total // 60 % 60:02d}:{total % 60:02d}"
-        return f"{command} --trainer.max_time {doubled}  (the time already trained counts towards it)"
+        # a shell comment, so that the whole line can be pasted
+        return f"{command} --trainer.max_time {doubled}  # the time already trained counts towards it"
     return f"{command} --trainer.max_steps {t.max_steps * 2}"
 
 
