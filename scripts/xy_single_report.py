@@ -15,7 +15,9 @@
 * LFQ codes only, the dependence split further, from the axes LFQ takes the signs of: the usage of those same
   axes after whitening them (their means and linear correlations removed, so what still separates it from
   uniform codes is non-linear structure: frames clustered in a few directions), and the usage of a Gaussian
-  with the axes' mean and covariance (all that their linear statistics would allow).
+  with the axes' mean and covariance (all that their linear statistics would allow). These are of the signs:
+  where stage 2 fitted per-prefix thresholds (`code: per-prefix thresholds`), `usage_of_plain_signs` gives the
+  usage the signs of the same axes would have had.
 * usage against the number of frames (frames drawn in a seeded random order, at 1/4, 1/2, 1, 2, 4, ... frames per
   entry and at all of them), next to what uniform codes would reach on as many: usage depends on the size of
   the set as much as on the codec, so compare sets and runs at equal frames (`--plot-frames` draws it).
@@ -77,6 +79,12 @@ def report(model: str, manifest: str, split: str | None, config: str | None, max
     result["usage_by_frames"] = usage_by_frames(torch.cat(all_codes), codec.cardinality[0])
     if codec.quantizer.config.kind == "lfq":
         result.update(bit_report(torch.cat(all_codes), codec.cardinality[0]))
+        # The whitening / Gaussian figures are of the axes' signs. With fitted thresholds the code is not the signs;
+        # then the signs' own usage is given too (what the same encoder used before stage 2 fitted them).
+        fitted = codec.quantizer.has_fitted_thresholds
+        result["code"] = "per-prefix thresholds" if fitted else "signs"
+        if fitted:
+            result["usage_of_plain_signs"] = sign_usage(torch.cat(all_axes))
         result.update(linear_report(torch.cat(all_axes)))
     return result
 

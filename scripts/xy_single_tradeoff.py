@@ -9,6 +9,8 @@ latent (what the quantizer sees) into one of 2^bits entries, each fitted on trai
 test frames:
 
 * `model`: the trained LFQ code (signs of its learnt axes);
+* `model_balanced_thresholds`: the same axes, each bit cut at the median of the frames with the same bits
+  before it (`quantizers.fit_balanced_thresholds`), so the training frames spread evenly over the entries;
 * `axes_whitened`: the same axes, ZCA-whitened with training statistics before the signs;
 * `latent_whitened_random_axes`: the whole latent whitened, signs of `bits` random directions (a hash);
 * `top{k}_whitened_random_axes`: the latent's top-k principal components whitened, signs of random directions;
@@ -36,7 +38,7 @@ from tqdm import tqdm
 from neurocodec.audio import load_audio
 from neurocodec.codecs.checkpoint import load_codec
 from neurocodec.codecs.kmeans import assign, fit_minibatch_kmeans
-from neurocodec.codecs.quantizers import lfq_entries
+from neurocodec.codecs.quantizers import fit_balanced_thresholds, lfq_entries
 from neurocodec.data.manifest import read_manifest
 
 
@@ -81,7 +83,9 @@ def compare_assignments(train: torch.Tensor, test: torch.Tensor, train_mel: torc
     weight, bias = project.weight.detach().double(), project.bias.detach().double()
     axes_train, axes_test = F.linear(train, weight, bias), F.linear(test, weight, bias)
     mean, whiten = zca(axes_train)
+    thresholds = fit_balanced_thresholds(axes_train)
     ways = {"model": (lfq_entries(axes_train), lfq_entries(axes_test)),
+            "model_balanced_thresholds": (lfq_entries(axes_train, thresholds), lfq_entries(axes_test, thresholds)),
             "axes_whitened": (lfq_entries((axes_train - mean) @ whiten), lfq_entries((axes_test - mean) @ whiten))}
     mean, whiten = zca(train)
     directions = whiten @ random_axes(train.shape[1])

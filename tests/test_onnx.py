@@ -84,10 +84,16 @@ def test_multi_frame_steps_for_a_fixed_batch(default_codec, speech, exported, tm
             pass
 
 
-@pytest.mark.parametrize("name", ["rvq_8cb", "fsq", "semanticodec_25tps", "xy_single"])
+@pytest.mark.parametrize("name", ["rvq_8cb", "fsq", "semanticodec_25tps", "xy_single", "xy_single+thresholds"])
 def test_every_audio_family_exports(name, tmp_path):
     """Tiny random models of the other families: ONNX steps equal PyTorch's float32 streaming steps."""
+    name, _, extra = name.partition("+")
     codec = build_codec(load_config(name, "tiny")["model"], name=f"{name}:tiny").train()
+    if extra == "thresholds":  # xy_single as its stage 2 leaves it: LFQ bits cut at fitted per-prefix thresholds
+        with torch.no_grad():
+            latent = codec.eval().encoder(torch.from_numpy(synthetic_speechlike(4.0, seed=3)[None, None]).float())
+        codec.quantizer.fit_thresholds(latent.transpose(1, 2).reshape(-1, latent.shape[1]))
+        codec.train()
     codec.set_exact_encoding(True)
     folder = export_streaming_onnx(codec, tmp_path)  # exported in eval mode and float32 ...
     assert codec.training and codec.encoder_dtype == torch.float64  # ... and the codec is left as it was

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from neurocodec.codecs.checkpoint import load_codec
-from neurocodec.codecs.quantizers import (CodeBalance, CodebookUsage, Quantizer, QuantizerConfig, codebook_metrics, decorrelation_loss,
+from neurocodec.codecs.quantizers import (CodeBalance, CodebookUsage, Quantizer, QuantizerConfig, codebook_metrics,
+                                          decorrelation_loss, fit_balanced_thresholds, lfq_entries,
                                           usage_from_histogram)
 from neurocodec.config import ConfigError, from_dict
 
@@ -127,6 +128,8 @@ def test_bad_quantizer_config_is_a_clear_error():
         from_dict(QuantizerConfig, {"kind": "fsq", "code_balance_weight": 1.0}, "model.quantizer")
     with pytest.raises(ConfigError, match="code_balance_decay must be in"):
         from_dict(QuantizerConfig, {"kind": "lfq", "code_balance_decay": 1.0}, "model.quantizer")
+    with pytest.raises(ConfigError, match="balanced_thresholds applies to lfq only"):
+        from_dict(QuantizerConfig, {"kind": "fsq", "balanced_thresholds": True}, "model.quantizer")
 
 
 def test_decorrelation_loss_is_small_for_independent_centred_axes_and_large_otherwise():
@@ -229,3 +232,49 @@ def test_code_balance_window_is_the_same_on_every_ddp_rank(tmp_path):
     torch.multiprocessing.spawn(_code_balance_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     first, second = (torch.load(tmp_path / f"frequency{r}.pt") for r in (0, 1))
     assert first.tolist() == second.tolist() == pytest.approx([0.5, 0.5])  # uniform start, both entries equally chosen
+
+
+def dependent_axes(n: int, seed: int) -> torch.Tensor:
+    """13 axes whose signs are far from independent and uniform: axis 1 follows axis 0's sign, and cubing
+    piles the frames near the origin, off centre."""
+    x = torch.randn(n, 13, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x[:, 1] += 3 * x[:, 0].sign()
+    return (x + 0.3) ** 3
+
+
+def test_balanced_thresholds_spread_the_fitted_frames_evenly_and_new_frames_nearly_so():
+    train = dependent_axes(12 * 8192, seed=0)
+    thresholds = fit_balanced_thresholds(train)
+    assert thresholds.shape == (8191,)
+    # Every prefix's frames are split at their median: exactly 12 frames per entry.
+    assert torch.bincount(lfq_entries(train, thresholds), minlength=8192).unique().tolist() == [12]
+    # All-zero thresholds are the plain signs.
+    assert torch.equal(lfq_entries(train, torch.zeros(8191, dtype=train.dtype)), lfq_entries(train))
+    # New frames from the same distribution, 4.6 per entry (the held-out speaker's ratio): uniform codes would use
+    # 99.0% of the entries; the plain signs use far fewer.
+    test = dependent_axes(37851, seed=1)
+    usage = lambda ids: float(torch.bincount(ids, minlength=8192).gt(0).double().mean())  # noqa: E731
+    assert usage(lfq_entries(test, thresholds)) > 0.96
+    assert usage(lfq_entries(test)) < 0.75  # 67%: bits biased by the offset and tied by axis 1
+
+
+def test_lfq_with_fitted_thresholds_encodes_decodes_and_trains_on_the_same_codes():
+    torch.manual_seed(0)
+    q = Quantizer(16, QuantizerConfig(kind="lfq", codebook_size=8192, balanced_thresholds=True)).eval()
+    z = torch.randn(3, 16, 400) * torch.linspace(0.1, 3, 16)[:, None]
+    plain = lfq_entries(q.impl.project_in(z.transpose(1, 2))).unsqueeze(1)
+    assert torch.equal(q.encode(z), plain) and torch.equal(q(z).codes, plain)  # not fitted: the library's signs
+    q.fit_thresholds(z.transpose(1, 2).reshape(-1, 16))
+    assert bool(q.thresholds_fitted) and "thresholds" in q.state_dict()
+    codes = q.encode(z)
+    assert not torch.equal(codes, plain)
+    assert len(codes.unique()) > 0.85 * 1200  # 1,200 frames over 8192 entries: nearly all distinct
+    for training in (False, True):
+        out = q.train(training)(z.requires_grad_(True))
+        assert torch.equal(out.codes, codes) and float(out.loss) == 0.0
+    assert torch.allclose(q.eval()(z).z_q, q.decode(codes), atol=1e-6)  # decode rebuilds what forward gives
+    z.grad = None
+    q(z).z_q.square().sum().backward()  # straight-through: the gradient reaches the latent
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="balanced_thresholds"):
+        Quantizer(16, QuantizerConfig(kind="lfq", codebook_size=8192)).fit_thresholds(z.detach()[0].t())

@@ -119,8 +119,8 @@ def test_trains_and_lowers_mel_and_distillation(tmp_path):
                           "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     # The tiny latent is 32-d: top-16 components exist, top-32 would be the whole latent.
-    assert set(result["assignments"]) == {"model", "axes_whitened", "latent_whitened_random_axes",
-                                          "top16_whitened_random_axes"}
+    assert set(result["assignments"]) == {"model", "model_balanced_thresholds", "axes_whitened",
+                                          "latent_whitened_random_axes", "top16_whitened_random_axes"}
     # Its "model" cut is the codec's own code: same entries as `encode` over the same clips.
     used = set()
     for utt in read_manifest(str(DEMO), split="test"):
@@ -169,7 +169,9 @@ def test_tradeoff_scores_each_way_of_cutting_the_latent_by_usage_and_by_what_it_
     mel = latent @ torch.randn(8, 5, generator=g, dtype=torch.float64)
     project = torch.nn.Linear(8, 4)
     rows = tradeoff.compare_assignments(latent[:3000], latent[3000:], mel[:3000], mel[3000:], project, kmeans_iters=50)
-    assert set(rows) == {"model", "axes_whitened", "latent_whitened_random_axes", "kmeans"}
+    assert set(rows) == {"model", "model_balanced_thresholds", "axes_whitened", "latent_whitened_random_axes", "kmeans"}
+    # The model's axes with per-prefix thresholds: training frames split evenly, so every entry is met again.
+    assert rows["model_balanced_thresholds"]["usage"] == 1.0
     with torch.no_grad():
         model_ids = lfq_entries(project.double()(latent[3000:]))
     assert rows["model"]["usage"] == torch.unique(model_ids).numel() / 16
@@ -266,10 +268,48 @@ def test_a_stage_can_freeze_the_tokenizer_and_train_only_the_decoder(tmp_path):
         fit(parse_train_config(raw), tmp_path / "bad")
     for stage, message in (({"freeze": "encoder"}, "list of codec module names"),
                            ({"norm_recalibration_steps": 5}, "freeze is empty"),
-                           ({"freeze": ["encoder"], "norm_recalibration_steps": -1}, "integer >= 0")):
+                           ({"freeze": ["encoder"], "norm_recalibration_steps": -1}, "integer >= 0"),
+                           ({"freeze": ["encoder"], "balance_code_frames": 100}, "must freeze encoder and quantizer"),
+                           ({"freeze": ["encoder", "quantizer"], "balance_code_frames": 1.5}, "integer >= 0")):
         raw["stages"] = [stage]
         with pytest.raises(ConfigError, match=message):
             parse_train_config(raw)
+
+
+def test_a_frozen_stage_fits_balanced_code_thresholds_once_after_the_norms(tmp_path):
+    frozen = "[encoder, quantizer, distill_proj]"
+    stages = (f"stages=[{{until_step: 3, loss: {{adversarial: 0, feature: 0}}}}, "
+              f"{{freeze: {frozen}, norm_recalibration_steps: 2, balance_code_frames: 3000}}]")
+    recorder = PartRecorder()
+    cfg = xy_config("trainer.max_steps=7", "trainer.val_every=4", stages)
+    _, module, export = fit(cfg, tmp_path / "run", callbacks=[recorder])
+    # Steps 3-4 re-estimate the encoder's norms; step 5 (the stage's third) fits the thresholds; then both hold.
+    assert [b & {"encoder", "quantizer"} for b in recorder.buffers_moved[3:]] == \
+        [{"encoder"}, {"encoder"}, {"quantizer"}, set()], recorder.buffers_moved
+    quantizer = module.codec.quantizer
+    assert bool(quantizer.thresholds_fitted) and quantizer.thresholds.abs().sum() > 0
+    # Saved in the checkpoint (so a resume keeps them) and exported with the codec.
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert torch.equal(saved["state_dict"]["codec.quantizer.thresholds"], quantizer.thresholds)
+    codec = load_codec(str(export.codec_path))
+    assert torch.allclose(codec.quantizer.thresholds.float(), quantizer.thresholds)
+    # Inference reads the thresholds, not the signs: the codes of a real clip are those of the fitted tree.
+    utt = read_manifest(str(DEMO), split="test")[0]
+    wav = codec.pad_to_frames(load_audio(utt.path, codec.sample_rate).unsqueeze(0))
+    with torch.no_grad():
+        axes = codec.quantizer.impl.project_in(codec.encoder(wav.to(codec.encoder_dtype)).transpose(1, 2))[0]
+    codes = codec.encode(wav).flatten()
+    assert torch.equal(codes, lfq_entries(axes, codec.quantizer.thresholds)) and not torch.equal(codes, lfq_entries(axes))
+
+    # The fit draws its crops from its own seeded RNG: the same thresholds again, and training's RNG untouched.
+    fitted, rng = quantizer.thresholds.clone(), torch.get_rng_state()
+    module.fit_code_thresholds(3000, seed=5)
+    assert torch.equal(quantizer.thresholds, fitted) and torch.equal(torch.get_rng_state(), rng)
+
+    # A stage that asks for thresholds from a quantizer that keeps none is a config error before training.
+    cfg = xy_config("model.quantizer.balanced_thresholds=false", stages)
+    with pytest.raises(ConfigError, match="balanced_thresholds: true"):
+        fit(cfg, tmp_path / "bad")
 
 
 def test_stage_config_is_validated_and_counts_discriminator_steps():
@@ -342,11 +382,23 @@ def test_streaming_equals_offline_25hz(clip):
     _check_streaming(codec, wav, chunks=(37, 640, 1001, 4480), frame_chunks=(1, 4))
 
 
+def test_streaming_equals_offline_with_fitted_code_thresholds(clip):
+    codec = load_codec(MODEL)
+    wav = torch.cat([clip, 0.5 * clip.flip(-1), 2.0 * clip])
+    with torch.no_grad():
+        latent = codec.encoder(wav.to(codec.encoder_dtype))
+    codec.quantizer.fit_thresholds(latent.transpose(1, 2).reshape(-1, latent.shape[1]))
+    frames = 3 * codec.num_frames(wav.shape[-1])
+    assert len(codec.encode(wav).unique()) > 0.9 * frames  # fitted on these frames: nearly all distinct
+    _check_streaming(codec, wav, chunks=(37, 640, 1001, 4480), frame_chunks=(1, 4))
+
+
 def test_streaming_equals_offline_12hz_with_exec_mask(clip):
     # The `12hz` geometry with the FSQ alternative of the config's LFQ (also one codebook of 16384 entries).
     raw = load_config("xy_single", "tiny", ["model.seanet.strides=[2,4,5,8,4]", "model.quantizer.kind=fsq",
                                             "model.quantizer.levels=[8,8,8,8,4]", "model.quantizer.decorrelation_weight=0",
                                             "model.quantizer.code_balance_weight=0",
+                                            "model.quantizer.balanced_thresholds=false",
                                             "model.xy_single.semantic.strides=[4,5,8,8]"])
     codec = build_codec(raw["model"], name="xy_single:tiny-12hz")
     warm_start_codebooks(codec)

@@ -52,6 +52,9 @@ class QuantizerConfig:
     decorrelation_weight: float = 0.0  # fsq / lfq: independence of the grid axes over a batch (decorrelation_loss)
     code_balance_weight: float = 0.0  # lfq: flatten the code distribution seen over many batches (CodeBalance)
     code_balance_decay: float = 0.99  # lfq: EMA decay of that distribution (0.99: about the last 100 batches)
+    # lfq: keep per-prefix bit thresholds (`fit_balanced_thresholds`) that a training stage with
+    # `balance_code_frames` fits on the frozen encoder's latents; until then they are 0, i.e. the plain signs.
+    balanced_thresholds: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -68,6 +71,8 @@ class QuantizerConfig:
             raise ValueError(f"code_balance_weight applies to lfq only, not {self.kind}")
         if not 0.0 < self.code_balance_decay < 1.0:
             raise ValueError(f"code_balance_decay must be in (0, 1), got {self.code_balance_decay}")
+        if self.balanced_thresholds and self.kind != "lfq":
+            raise ValueError(f"balanced_thresholds applies to lfq only, not {self.kind}")
         if self.kind == "lfq" and (self.codebook_size & (self.codebook_size - 1)):
             raise ValueError(f"lfq codebook_size must be a power of two, got {self.codebook_size}")
 
@@ -141,9 +146,51 @@ def lfq_bit_weights(bits: int) -> torch.Tensor:
     return 2 ** torch.arange(bits - 1, -1, -1)
 
 
-def lfq_entries(axes: torch.Tensor) -> torch.Tensor:
-    """The LFQ entry that each row of `axes` [N, bits] (the values LFQ takes the signs of) falls in: [N]."""
-    return ((axes > 0).long() * lfq_bit_weights(axes.shape[-1]).to(axes.device)).sum(dim=-1)
+def lfq_entries(axes: torch.Tensor, thresholds: torch.Tensor | None = None) -> torch.Tensor:
+    """The LFQ entry that each row of `axes` [..., bits] (the values LFQ takes the signs of) falls in: [...].
+
+    With `thresholds` (from `fit_balanced_thresholds`) bit i is set when axis i exceeds the threshold of the
+    bits before it (a node of a binary tree, heap order) instead of zero; all-zero thresholds give the signs.
+    """
+    if thresholds is None:
+        return ((axes > 0).long() * lfq_bit_weights(axes.shape[-1]).to(axes.device)).sum(dim=-1)
+    flat = axes.reshape(-1, axes.shape[-1])
+    entry = torch.zeros(len(flat), dtype=torch.long, device=axes.device)
+    for i in range(flat.shape[1]):
+        node = (1 << i) - 1 + entry  # the node of prefix `entry` at depth i
+        entry = entry * 2 + (flat[:, i] > thresholds[node]).long()
+    return entry.reshape(axes.shape[:-1])
+
+
+@torch.no_grad()
+def fit_balanced_thresholds(axes: torch.Tensor) -> torch.Tensor:
+    """Thresholds [2^bits - 1] under which every entry gets the same share of the frames `axes` [N, bits].
+
+    Bit i's threshold is the median of axis i among the frames whose bits before i are the same (a k-d
+    tree with one axis per level), so every bit splits each prefix's frames in half and the fitted frames
+    spread evenly over the 2^bits entries, whatever the joint distribution of the axes. Prefixes with fewer
+    than two frames keep threshold 0 (the plain sign).
+    """
+    if len(axes) < 2:
+        raise ValueError(f"fitting code thresholds needs frames, got {len(axes)}")
+    n, bits = axes.shape
+    thresholds = axes.new_zeros(2 ** bits - 1)
+    prefix = torch.zeros(n, dtype=torch.long, device=axes.device)
+    for i in range(bits):
+        nodes = 1 << i
+        values = axes[:, i]
+        by_value = torch.argsort(values)
+        order = by_value[torch.argsort(prefix[by_value], stable=True)]  # grouped by prefix, sorted within
+        ranked = values[order]
+        counts = torch.bincount(prefix, minlength=nodes)
+        starts = counts.cumsum(0) - counts
+        # Halfway between the k-th and (k+1)-th smallest, k = (count - 1) // 2: never on a fitted frame's own
+        # value, so a frame met again (streamed, with rounding of the last bit) keeps its bit.
+        low = (starts + (counts - 1).clamp_min(0) // 2).clamp_max(n - 2)
+        median = torch.where(counts > 1, (ranked[low] + ranked[low + 1]) / 2, torch.zeros_like(ranked[low]))
+        thresholds[nodes - 1: 2 * nodes - 1] = median
+        prefix = prefix * 2 + (values > median[prefix]).long()
+    return thresholds
 
 
 class CodeBalance(nn.Module):
@@ -283,6 +330,10 @@ class Quantizer(nn.Module):
                                    "unrotated signs")
             if c.code_balance_weight > 0:
                 self.code_balance = CodeBalance(self.impl.codebook, c.code_balance_decay)
+            if c.balanced_thresholds:
+                # heap order: node (2^i - 1 + prefix) holds bit i's threshold for the bits `prefix` before it
+                self.register_buffer("thresholds", torch.zeros(c.codebook_size - 1))
+                self.register_buffer("thresholds_fitted", torch.zeros((), dtype=torch.bool))
         if c.kind in ("fsq", "lfq") and isinstance(getattr(self.impl, "project_out", None), nn.Linear):
             # The library builds grid values in float32 when decoding indices; under exact (float64) encoding
             # project_out's weights are float64, so its input is brought to their dtype.
@@ -336,6 +387,8 @@ class Quantizer(nn.Module):
         elif kind == "rfsq":
             z_q, idx = self.impl(x)
             codes = idx.transpose(1, 2)
+        elif self.has_fitted_thresholds:
+            return self._thresholded_forward(x)
         else:  # lfq
             z_q, idx, aux = self.impl(x)
             loss = aux
@@ -354,6 +407,35 @@ class Quantizer(nn.Module):
                 loss = loss + self.config.code_balance_weight * balance
                 metrics["code_balance"] = balance.detach()
         return QuantizedResult(z_q=z_q.transpose(1, 2), codes=codes, loss=loss, metrics=metrics)
+
+    @property
+    def has_fitted_thresholds(self) -> bool:
+        return hasattr(self, "thresholds_fitted") and bool(self.thresholds_fitted)
+
+    def _thresholded_forward(self, x: torch.Tensor) -> QuantizedResult:
+        """LFQ with fitted per-prefix thresholds (channel-last `x`). The grid values are the library's
+        (+-codebook_scale per axis, as `decode` rebuilds them), with a straight-through gradient. No
+        quantizer loss: the thresholds are fitted for a frozen tokenizer (the stage check asks for it), where
+        the library's entropy term and ours would move nothing."""
+        axes = self.impl.project_in(x)
+        idx = lfq_entries(axes, self.thresholds.to(axes.dtype))
+        bits = (idx[..., None] & lfq_bit_weights(axes.shape[-1]).to(idx.device)) > 0
+        grid = torch.where(bits, 1.0, -1.0).to(axes.dtype) * self.impl.codebook_scale
+        z_q = self.impl.project_out(axes + (grid - axes).detach())
+        codes = idx.unsqueeze(1)
+        return QuantizedResult(z_q=z_q.transpose(1, 2), codes=codes, loss=x.new_zeros(()),
+                               metrics=codebook_metrics(codes, self.cardinalities))
+
+    @torch.no_grad()
+    def fit_thresholds(self, z: torch.Tensor) -> None:
+        """Fit the per-prefix thresholds on latents `z` [N, D] (frames of the frozen encoder), so that these
+        frames spread evenly over the 2^bits entries; from then on forward and encode use them."""
+        if not hasattr(self, "thresholds"):
+            raise RuntimeError("this quantizer keeps no thresholds (model.quantizer.balanced_thresholds: true, lfq)")
+        weight = getattr(self.impl.project_in, "weight", None)  # project_in is the identity when dim == bits
+        axes = self.impl.project_in(z if weight is None else z.to(weight.dtype))
+        self.thresholds.copy_(fit_balanced_thresholds(axes))
+        self.thresholds_fitted.fill_(True)
 
     @torch.no_grad()
     def initialize_codebooks(self, z: torch.Tensor, kmeans_iters: int | None = None) -> None:
@@ -392,7 +474,9 @@ class Quantizer(nn.Module):
             # library forward's entropy losses (and our code-balance update, which runs when this module is in
             # training mode). Signs survive the library's optional soft clamp and l2norm; a rotation would not,
             # and none is built (checked at construction).
-            codes = lfq_entries(self.impl.project_in(z.transpose(1, 2))).unsqueeze(1)
+            axes = self.impl.project_in(z.transpose(1, 2))
+            thresholds = self.thresholds.to(axes.dtype) if self.has_fitted_thresholds else None
+            codes = lfq_entries(axes, thresholds).unsqueeze(1)
         else:
             was_training = self.impl.training
             self.impl.eval()

@@ -113,6 +113,11 @@ class StageConfig:
     # training batches (a plain average, not the running EMA), then hold them. The EMA that training kept
     # follows the last few batches of a moving network; these are the statistics inference will use.
     norm_recalibration_steps: int = 0
+    # With `freeze` (quantizer and encoder among the parts): once the norms above are recalibrated, encode this
+    # many frames of training audio with the frozen encoder and fit the LFQ's per-prefix bit thresholds on
+    # them (model.quantizer.balanced_thresholds), so that the codes spread evenly over the entries; the decoder
+    # then trains on those codes. 0: off.
+    balance_code_frames: int = 0
 
     def __post_init__(self) -> None:
         known = loss_weight_names()
@@ -136,6 +141,12 @@ class StageConfig:
             raise ValueError(f"stage norm_recalibration_steps must be an integer >= 0, got {self.norm_recalibration_steps!r}")
         if self.norm_recalibration_steps and not self.freeze:
             raise ValueError("stage norm_recalibration_steps applies to the parts the stage freezes; freeze is empty")
+        if (isinstance(self.balance_code_frames, bool) or not isinstance(self.balance_code_frames, int)
+                or self.balance_code_frames < 0):
+            raise ValueError(f"stage balance_code_frames must be an integer >= 0, got {self.balance_code_frames!r}")
+        if self.balance_code_frames and not {"encoder", "quantizer"} <= set(self.freeze):
+            raise ValueError("stage balance_code_frames fits thresholds for a frozen tokenizer: the stage must freeze "
+                             f"encoder and quantizer, it freezes {self.freeze}")
 
 
 @dataclass

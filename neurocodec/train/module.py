@@ -19,6 +19,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from ..codecs.quantizers import CodebookUsage
 from ..config import ConfigError
@@ -89,6 +90,9 @@ class CodecTrainingModule(L.LightningModule):
         # Parameters of every part that some stage freezes, with their own requires_grad (restored when unfrozen).
         self._freezable = {name: [(p, p.requires_grad) for p in parts[name].parameters()]
                            for name in sorted({n for stage in config.stages for n in stage.freeze})}
+        if any(stage.balance_code_frames for stage in config.stages) and not hasattr(codec.quantizer, "thresholds"):
+            raise ConfigError("a stage sets balance_code_frames, but the quantizer keeps no thresholds: it needs "
+                              "model.quantizer.kind: lfq with model.quantizer.balanced_thresholds: true")
         self._norm_momentum = {m: m.momentum for name in self._freezable for m in parts[name].modules()
                                if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
@@ -160,8 +164,14 @@ class CodecTrainingModule(L.LightningModule):
                 param.requires_grad_(trainable and name not in frozen)
             if name in frozen:
                 getattr(self.codec, name).eval()
-        if frozen and self.config.stages[stage_index(self.config, step)].norm_recalibration_steps:
+        if not frozen:
+            return
+        stage = self.config.stages[stage_index(self.config, step)]
+        if stage.norm_recalibration_steps:
             self.recalibrate_frozen_norms(step, frozen)
+        # After the recalibration (its statistics shape the latent) and before the step that trains on the codes.
+        if stage.balance_code_frames and steps_into_stage(self.config, step) == stage.norm_recalibration_steps:
+            self.fit_code_thresholds(stage.balance_code_frames, seed=step)
 
     def recalibrate_frozen_norms(self, step: int, frozen: frozenset[str]) -> None:
         """Over a freezing stage's first `norm_recalibration_steps` batches, the frozen parts' BatchNorm layers
@@ -185,6 +195,39 @@ class CodecTrainingModule(L.LightningModule):
                 for stat in (norm.running_mean, norm.running_var):
                     dist.all_reduce(stat)
                     stat.div_(dist.get_world_size())
+
+    @torch.no_grad()
+    def fit_code_thresholds(self, frames: int, seed: int) -> None:
+        """Encode about `frames` frames of training crops (the training distribution: random crops and gains)
+        with the frozen encoder and fit the quantizer's per-prefix thresholds on them. Its own seeded RNG, so
+        the training RNG is untouched and every DDP process draws the same crops; rank 0's thresholds are
+        broadcast all the same (GPU kernels need not agree to the last bit)."""
+        codec, dataset = self.codec, getattr(self.trainer.datamodule, "train_set", None)
+        if dataset is None or len(dataset) == 0:
+            raise ConfigError("balance_code_frames: the data module has no training set (`train_set`) to draw crops from")
+        batch_size = self.config.data.batch_size
+        latents, have = [], 0
+        with torch.random.fork_rng(devices=[]):  # drawing crops uses torch's RNG (see AudioSegmentDataset)
+            torch.manual_seed(seed)
+            per_item = dataset[0].shape[-1] // codec.frame_size
+            if per_item == 0:
+                raise ConfigError("balance_code_frames: the training crops are shorter than one frame")
+            bar = tqdm(total=frames, desc="fitting code thresholds", unit="frame", leave=False,
+                       disable=self.global_rank != 0)
+            while have < frames:
+                n = min(batch_size, -(-(frames - have) // per_item))
+                wav = torch.stack([dataset[int(i)] for i in torch.randint(len(dataset), (n,))]).to(self.device)
+                with torch.autocast(self.device.type, enabled=False):  # full precision, as inference encodes
+                    latent = codec._encode_latent(wav)  # [B, D, T]: what the frozen quantizer sees at inference
+                latents.append(latent.transpose(1, 2).reshape(-1, latent.shape[1]).double())
+                have += latents[-1].shape[0]
+                bar.update(latents[-1].shape[0])
+            bar.close()
+        codec.quantizer.fit_thresholds(torch.cat(latents))
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(codec.quantizer.thresholds, src=0)
+        if self.global_rank == 0:
+            tqdm.write(f"step {int(self.gen_step)}: code thresholds fitted on {have:,} frames of training crops")
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         o = self.config.optim
