@@ -10,7 +10,6 @@ under runs/ (`*.safetensors`), else the untrained `grvq_4cb:tiny` (marked so in 
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -43,6 +42,7 @@ def main() -> None:
 
     from neurocodec.codecs.checkpoint import load_codec
     from neurocodec.eval.baselines import parse_baselines
+    from neurocodec.eval.report import uniform_usage
     from neurocodec.eval.runner import evaluate, find_clips
 
     torch.set_num_threads(1)
@@ -68,7 +68,8 @@ def main() -> None:
         met = {True: "met", False: "NOT met", None: ""}[f.get("met")] if "met" in f else ""
         print(f"{f['metric']}: {f['value']:.3f}{ratio} {met}")
     trained = result.model["trained"]
-    frames_per_entry = result.data["seconds"] * codec.frame_rate / max(codec.cardinality)
+    frames, entries = result.data["seconds"] * codec.frame_rate, max(codec.cardinality)
+    frames_per_entry = frames / entries
     write_result("quality", {
         "title": "Quality vs Opus 6 kbps (held-out speaker)" + ("" if trained else " — UNTRAINED model"),
         "figures": figures,
@@ -78,7 +79,7 @@ def main() -> None:
         "notes": "PESQ-WB at 16 kHz after time alignment; mean over clips. Ours: nominal bitrate "
                  "(sum log2(cardinality) x frame rate). Opus: opusenc --hard-cbr --bitrate 6. Codebook usage "
                  f"grows with the set: here {frames_per_entry:.1f} frames per entry, where perfectly uniform codes "
-                 f"would use {1 - math.exp(-frames_per_entry):.0%} of the entries (1 - e^-n).",
+                 f"would use {uniform_usage(frames, entries):.0%} of the entries (1 - e^-n).",
     }, quick=args.quick)
 
 

@@ -275,6 +275,19 @@ def test_paired_difference_uses_only_clips_both_systems_scored():
     assert (hi - lo) / 2 == pytest.approx(t_975_2 * np.std([0.5, -0.3, 0.2], ddof=1) / 3 ** 0.5, rel=1e-3)
 
 
+def test_usage_target_line_says_how_many_codes_per_entry_the_set_had():
+    from neurocodec.eval.report import target_lines, uniform_usage
+
+    assert uniform_usage(8192, 8192) == pytest.approx(1 - np.exp(-1), abs=1e-4)
+    rows = [{"codebook": 0, "cardinality": 8192, "usage": 0.388, "codes_seen": 4225},
+            {"codebook": 1, "cardinality": 8192, "usage": 0.96, "codes_seen": 37851}]
+    (line,) = target_lines({"systems": [], "codebooks": {"K=2": rows}})
+    assert "smallest usage 38.8% over 4,225 codes, 0.5 per entry (uniform codes would use 40%)" in line
+    assert line.endswith("**not met**")
+    (line,) = target_lines({"systems": [], "codebooks": {"K=1": rows[1:]}})
+    assert "4.6 per entry (uniform codes would use 99%)" in line and line.endswith("**met**")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--baselines", "opus:2"], "Opus codes mono"),
     (["--max-clips", "0"], "--max-clips"),

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers / CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 STYLE = {"model": ("tab:blue", "o"), "opus": ("tab:orange", "s"), "codec2": ("tab:green", "^")}
@@ -161,6 +162,10 @@ def plot_usage_by_frames(curves: dict[str, list[dict]], entries: int, path: str 
     ax.plot(grid, 100 * (1 - (1 - 1 / entries) ** (grid * entries)), color="gray", linestyle=":", label="uniform codes")
     ax.axhline(95, color="tab:red", linestyle="--", linewidth=1, label="target 95%")
     ax.set_xscale("log")
+    # Plain numbers at the doublings the curves are sampled at (log-axis minor labels overlap on a short range).
+    ax.xaxis.set_major_locator(ticker.FixedLocator([2.0 ** e for e in range(-4, 8)]))
+    ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel(f"frames per entry (entries: {entries})")
     ax.set_ylabel("entries used (%)")
     ax.set_ylim(0, 102)

@@ -85,10 +85,21 @@ def target_lines(payload: dict) -> list[str]:
                      f"{best['pesq']['mean']:.2f} vs {opus6['pesq']['mean']:.2f}{paired} -> "
                      f"**{'met' if met else 'not met'}**")
     for k, cbs in payload.get("codebooks", {}).items():
-        low = min(c["usage"] for c in cbs)
-        lines.append(f"- target *>= 95% of codebook entries used* ({k}): smallest usage {100 * low:.1f}% -> "
-                     f"**{'met' if low >= 0.95 else 'not met'}**")
+        low = min(cbs, key=lambda c: c["usage"])
+        context = ""
+        if low.get("codes_seen"):  # usage grows with the set: say how many codes it had per entry
+            seen, entries = low["codes_seen"], low["cardinality"]
+            context = (f" over {seen:,} codes, {seen / entries:.1f} per entry (uniform codes would use "
+                       f"{uniform_usage(seen, entries):.0%})")
+        lines.append(f"- target *>= 95% of codebook entries used* ({k}): smallest usage {100 * low['usage']:.1f}%"
+                     f"{context} -> **{'met' if low['usage'] >= 0.95 else 'not met'}**")
     return lines
+
+
+def uniform_usage(codes: int, entries: int) -> float:
+    """Expected share of `entries` used at least once by `codes` codes drawn uniformly: what usage can reach on a
+    set of that size (1 - (1 - 1/K)^n, about 1 - e^(-n/K))."""
+    return 1.0 - (1.0 - 1.0 / entries) ** codes
 
 
 def write_json(result: EvalResult | dict, path: str | Path) -> Path:
