@@ -42,7 +42,7 @@ def main() -> None:
 
     from neurocodec.codecs.checkpoint import load_codec
     from neurocodec.eval.baselines import parse_baselines
-    from neurocodec.eval.report import uniform_usage
+    from neurocodec.codecs.quantizers import uniform_usage
     from neurocodec.eval.runner import evaluate, find_clips
 
     torch.set_num_threads(1)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from neurocodec.audio import load_audio
 from neurocodec.codecs.checkpoint import load_codec, read_metadata
-from neurocodec.codecs.quantizers import CodebookUsage, lfq_bit_weights, lfq_entries
+from neurocodec.codecs.quantizers import CodebookUsage, lfq_bit_weights, lfq_entries, uniform_usage
 from neurocodec.codecs.teacher import build_teacher
 from neurocodec.config import load_config, split_model_spec
 from neurocodec.data.manifest import read_manifest
@@ -98,9 +98,8 @@ def bit_report(codes: torch.Tensor, entries: int) -> dict:
     entry_bits = (torch.arange(entries)[:, None] & weights) != 0
     entry_p = torch.where(entry_bits, share, 1 - share).prod(dim=1)
     expected_usage = float((1 - (1 - entry_p).pow(codes.numel())).mean())
-    uniform_usage = 1 - (1 - 1 / entries) ** codes.numel()
     return {"bit_share": [round(float(x), 3) for x in share], "usage_if_bits_independent": expected_usage,
-            "usage_if_uniform": uniform_usage}
+            "usage_if_uniform": uniform_usage(codes.numel(), entries)}
 
 
 def usage_by_frames(codes: torch.Tensor, entries: int, seed: int = 0) -> list[dict]:
@@ -110,7 +109,7 @@ def usage_by_frames(codes: torch.Tensor, entries: int, seed: int = 0) -> list[di
     sizes = [int(entries * 2.0 ** k) for k in range(-2, 40) if entries * 2.0 ** k < codes.numel()] + [codes.numel()]
     return [{"frames": n, "frames_per_entry": round(n / entries, 3),
              "usage": float(torch.bincount(order[:n], minlength=entries).gt(0).double().mean()),
-             "usage_if_uniform": 1 - (1 - 1 / entries) ** n} for n in sizes]
+             "usage_if_uniform": uniform_usage(n, entries)} for n in sizes]
 
 
 def sign_usage(axes: torch.Tensor) -> float:

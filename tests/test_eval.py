@@ -276,7 +276,8 @@ def test_paired_difference_uses_only_clips_both_systems_scored():
 
 
 def test_usage_target_line_says_how_many_codes_per_entry_the_set_had():
-    from neurocodec.eval.report import target_lines, uniform_usage
+    from neurocodec.codecs.quantizers import uniform_usage
+    from neurocodec.eval.report import target_lines
 
     assert uniform_usage(8192, 8192) == pytest.approx(1 - np.exp(-1), abs=1e-4)
     rows = [{"codebook": 0, "cardinality": 8192, "usage": 0.388, "codes_seen": 4225},

@@ -113,6 +113,12 @@ def usage_from_histogram(counts: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"usage": used, "dead": 1.0 - used, "perplexity": perplexity}
 
 
+def uniform_usage(codes, entries: int):
+    """Expected share of `entries` used at least once by `codes` codes (a number or an array) drawn uniformly:
+    what usage can reach on a set of that size, 1 - (1 - 1/K)^n (about 1 - e^(-n/K))."""
+    return 1.0 - (1.0 - 1.0 / entries) ** codes
+
+
 def decorrelation_loss(values: torch.Tensor) -> torch.Tensor:
     """How far the d grid axes of an FSQ/LFQ code (`values` [N, d], N frames of a batch) are from centred and
     independent: on soft signs tanh(x / std) of the axes, each axis's squared correlations with the others

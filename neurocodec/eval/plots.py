@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..codecs.quantizers import uniform_usage  # noqa: E402
+
 STYLE = {"model": ("tab:blue", "o"), "opus": ("tab:orange", "s"), "codec2": ("tab:green", "^")}
 LABEL = {"model": "ours", "opus": "Opus", "codec2": "Codec2"}
 
@@ -159,7 +161,7 @@ def plot_usage_by_frames(curves: dict[str, list[dict]], entries: int, path: str 
         longest = max(longest, per_entry[-1])
         ax.plot(per_entry, [100 * r["usage"] for r in rows], marker="o", markersize=3, label=label)
     grid = np.geomspace(min(0.25, longest), max(longest, 0.25), 100)
-    ax.plot(grid, 100 * (1 - (1 - 1 / entries) ** (grid * entries)), color="gray", linestyle=":", label="uniform codes")
+    ax.plot(grid, 100 * uniform_usage(grid * entries, entries), color="gray", linestyle=":", label="uniform codes")
     ax.axhline(95, color="tab:red", linestyle="--", linewidth=1, label="target 95%")
     ax.set_xscale("log")
     # Plain numbers at the doublings the curves are sampled at (log-axis minor labels overlap on a short range).

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from ..codecs.quantizers import uniform_usage
 from .runner import CI_NOTE, METRIC_LABELS, EvalResult, summarize
 
 TABLE_METRICS = ("pesq", "stoi", "mel_distance", "si_sdr", "pesq_nb")
@@ -94,12 +95,6 @@ def target_lines(payload: dict) -> list[str]:
         lines.append(f"- target *>= 95% of codebook entries used* ({k}): smallest usage {100 * low['usage']:.1f}%"
                      f"{context} -> **{'met' if low['usage'] >= 0.95 else 'not met'}**")
     return lines
-
-
-def uniform_usage(codes: int, entries: int) -> float:
-    """Expected share of `entries` used at least once by `codes` codes drawn uniformly: what usage can reach on a
-    set of that size (1 - (1 - 1/K)^n, about 1 - e^(-n/K))."""
-    return 1.0 - (1.0 - 1.0 / entries) ** codes
 
 
 def write_json(result: EvalResult | dict, path: str | Path) -> Path:
