@@ -332,3 +332,6 @@ def test_resume_hint_after_a_time_limit_asks_for_more_time():
     finished = TrainerConfig(max_steps=100, max_time="00:01:00:00")
     assert resume_hint(Path("runs/x"), finished, 100).endswith("--trainer.max_steps 200")
     assert resume_hint(Path("runs/x"), TrainerConfig(max_steps=100), 40).endswith("--trainer.max_steps 200")
+    # Lightning's one format, checked with the config (before, "01:00:00" passed here and failed in Lightning)
+    with pytest.raises(ValueError, match="DD:HH:MM:SS"):
+        TrainerConfig(max_time="01:00:00")

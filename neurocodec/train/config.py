@@ -8,6 +8,7 @@ keys, and `train/fit.py --help` is generated from them (one source for options, 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -83,6 +84,17 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.val_every < 1 or self.log_every < 1:
             raise ValueError("max_steps, val_every and log_every must be >= 1")
+        if self.max_time is not None:
+            max_time_seconds(self.max_time)  # checked here, not when Lightning builds its timer after setup
+
+
+def max_time_seconds(max_time: str) -> int:
+    """Seconds in a `trainer.max_time` of the form DD:HH:MM:SS, the one form Lightning's Timer accepts."""
+    match = re.fullmatch(r"(\d+):(\d\d):(\d\d):(\d\d)", str(max_time).strip())
+    if match is None:
+        raise ValueError(f"trainer.max_time must be DD:HH:MM:SS (e.g. 00:01:30:00), got {max_time!r}")
+    days, hours, minutes, seconds = (int(x) for x in match.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 def loss_weight_names() -> list[str]:

@@ -22,7 +22,7 @@ import yaml
 
 from ..config import ConfigError, load_config
 from ..errors import UserError
-from .config import TrainConfig, TrainerConfig, option_help, parse_train_config, drop_run_record
+from .config import TrainConfig, TrainerConfig, drop_run_record, max_time_seconds, option_help, parse_train_config
 
 if TYPE_CHECKING:  # Lightning is imported only when training starts (a fast --help)
     from .callbacks import CodecExport
@@ -290,8 +290,7 @@ def resume_hint(run_dir: Path, t, gen_step: int) -> str:
     more steps: Lightning's timer restores the time already trained, so the same max_time stops it at once."""
     command = f"python train/fit.py --ckpt_path {Path(run_dir) / 'checkpoints' / 'last.ckpt'}"
     if t.max_time and gen_step < t.max_steps:
-        days, hours, minutes, seconds = (int(x) for x in str(t.max_time).split(":"))
-        total = 2 * (((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+        total = 2 * max_time_seconds(t.max_time)
         doubled = f"{total // 86400:02d}:{total // 3600 % 24:02d}:{total // 60 % 60:02d}:{total % 60:02d}"
         # a shell comment, so that the whole line can be pasted
         return f"{command} --trainer.max_time {doubled}  # the time already trained counts towards it"

@@ -222,7 +222,8 @@ class CodecTrainingModule(L.LightningModule):
             except AudioError:
                 skipped += 1
                 continue
-            wav = codec.pad_to_frames(wav.unsqueeze(0)).to(self.device)
+            # no more than the frames still wanted, so a long last recording costs no more than it gives
+            wav = codec.pad_to_frames(wav[:, : (frames - have) * codec.frame_size].unsqueeze(0)).to(self.device)
             with torch.autocast(self.device.type, enabled=False):  # full precision, as inference encodes
                 latent = codec._encode_latent(wav)  # [1, D, T]: what the frozen quantizer sees at inference
             latents.append(latent[0].t().double())
