@@ -11,7 +11,7 @@ from .errors import UserError
 # Modules with a `register(subparsers)` function, in the order their commands are listed in --help.
 COMMAND_MODULES = [
     "neurocodec.codecs.commands",
-    "neurocodec.codecs.semantic_commands",
+    "neurocodec.train.kmeans_commands",
     "neurocodec.serve.commands",
     "neurocodec.train.commands",
     "neurocodec.data.commands",

@@ -2,16 +2,19 @@
 
 A config file has top-level sections (`model`, and for training `loss`, `optim`, `data`, `trainer`, ...)
 plus an optional `presets` mapping. A preset (e.g. `tiny`) is a partial config deep-merged over the
-file, so smaller sizes are overrides of the real model, never copies of it.
+file, so smaller sizes are overrides of the real model, never copies of it. Likewise `extends: BASE` makes a
+file a variant of another one: only what differs is written.
 
-Bare names (`grvq_4cb`, `grvq_4cb.yaml`) are looked up in the repository's `configs/` folder (or in
-`$NEUROCODEC_CONFIG_DIR`); anything else is a path.
+Bare names (`grvq_4cb`, `grvq_4cb.yaml`) are looked up in `$NEUROCODEC_CONFIG_DIR`, then in the configs
+shipped in the package (`neurocodec/configs/`, which the repository's `configs/` links to); anything else is
+a path.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.resources
 import os
 import typing
 from pathlib import Path
@@ -21,7 +24,8 @@ import yaml
 
 from .errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Package data (pyproject.toml), so an installed neurocodec finds its configs from any folder.
+CONFIG_DIR = Path(str(importlib.resources.files("neurocodec") / "configs"))
 
 
 class ConfigError(UserError):
@@ -91,15 +95,32 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
     return config
 
 
-def load_config(name: str | os.PathLike, preset: str | None = None, overrides: Iterable[str] = ()) -> dict:
-    """Read a config, merge a preset and overrides. The result records its source and preset."""
-    path = resolve_config_path(name)
+def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file as a mapping, with `extends: BASE` resolved: the file is deep-merged over its base (a name
+    looked up beside the file, then like any bare name), presets included, so that a variant states only how it
+    differs (semanticodec_25tps.yaml extends semanticodec.yaml)."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections")
+    base_name = raw.pop("extends", None)
+    if base_name is None:
+        return raw
+    if not isinstance(base_name, str):
+        raise ConfigError(f"{path}: extends must name one config, got {base_name!r}")
+    beside = path.parent / base_name
+    base_path = beside if beside.is_file() else resolve_config_path(base_name)
+    if base_path.resolve() in seen + (path.resolve(),):
+        raise ConfigError(f"{path}: extends {base_name} goes round in a circle")
+    return deep_merge(read_config_file(base_path, seen + (path.resolve(),)), raw)
+
+
+def load_config(name: str | os.PathLike, preset: str | None = None, overrides: Iterable[str] = ()) -> dict:
+    """Read a config, merge a preset and overrides. The result records its source and preset."""
+    path = resolve_config_path(name)
+    raw = read_config_file(path)
     presets = raw.pop("presets", {}) or {}
     if preset:
         if preset not in presets:

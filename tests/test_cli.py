@@ -131,3 +131,20 @@ def test_checkpoint_round_trip(speech_wav, tmp_path):
     assert main(["encode", str(speech_wav), "-o", str(tmp_path / "c.npy"), "--model", str(path)]) == 0
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 20)
     assert main(["info", "--model", str(tmp_path / "broken.safetensors")]) == 2
+
+
+def test_a_config_extends_another_and_states_only_how_it_differs(tmp_path):
+    from neurocodec.config import ConfigError, load_config
+
+    base, variant = load_config("semanticodec", "tiny"), load_config("semanticodec_25tps", "tiny")
+    assert base["model"]["seanet"]["strides"] == [2, 4, 5, 8] and variant["model"]["seanet"]["strides"] == [2, 4, 5, 8, 4]
+    assert variant["model"]["seanet"]["channels"] == 8  # the base's tiny preset applies to the variant
+    assert variant["teacher"] == base["teacher"] and variant["data"]["segment_seconds"] == 1.28
+    (tmp_path / "base.yaml").write_text("model: {seanet: {channels: 32, dimension: 64}}\n"
+                                        "presets: {tiny: {model: {seanet: {channels: 4}}}}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nmodel: {seanet: {dimension: 16}}\n")
+    child = load_config(tmp_path / "child.yaml", "tiny")
+    assert child["model"]["seanet"] == {"channels": 4, "dimension": 16} and child["name"] == "child"
+    (tmp_path / "base.yaml").write_text("extends: child.yaml\n")
+    with pytest.raises(ConfigError, match="circle"):
+        load_config(tmp_path / "child.yaml")

@@ -463,6 +463,40 @@ def test_health_is_not_serving_until_the_model_is_ready(codec):
     srv.stop()
 
 
+def test_a_dead_worker_turns_the_server_not_serving_and_refuses_new_sessions(codec, clips):
+    """The model worker thread fails mid-session: that session ends with INTERNAL, health turns NOT_SERVING and
+    a new session is refused with UNAVAILABLE at once (before, it was admitted and then hung)."""
+    srv = ServerThread(ServerOptions(models=[MODEL], port=0, max_streams=2), preloaded={MODEL: codec})
+    srv.start()
+    worker = srv.server.servicer.models[MODEL].worker
+
+    def broken_step(frames):
+        raise RuntimeError("simulated model failure")
+
+    worker.codec.encode_step = broken_step  # the worker's own codec: the next encode step kills the thread
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    check = lambda: health.Check(health_pb2.HealthCheckRequest(service="neurocodec.v1.Codec")).status  # noqa: E731
+    assert check() == health_pb2.HealthCheckResponse.SERVING
+    with client_a(srv) as c:
+        expect_status(grpc.StatusCode.INTERNAL, lambda: list(c.stream_encode([clips[0]], sample_rate=SR)),
+                      "simulated model failure")
+    deadline = time.monotonic() + 5
+    while check() != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
+    overall = health.Check(health_pb2.HealthCheckRequest(service="")).status
+    assert overall == health_pb2.HealthCheckResponse.NOT_SERVING
+    with client_a(srv) as c:
+        for call in (lambda: list(c.stream_encode([clips[1]], sample_rate=SR)),
+                     lambda: list(c.stream_decode([np.zeros(4, np.int64)], num_codebooks=4))):
+            began = time.monotonic()
+            expect_status(grpc.StatusCode.UNAVAILABLE, call, "model worker failed")
+            assert time.monotonic() - began < 1.0
+    channel.close()
+    srv.stop()
+
+
 def test_loadtest_command(server_a, capsys):
     assert cli_main(["loadtest", "--server", f"127.0.0.1:{server_a.port}", "--streams", "3", "--seconds", "0.4",
                      "--json"]) == 0

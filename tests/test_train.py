@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import yaml
 
 from neurocodec.codecs.checkpoint import load_codec, read_metadata
 from neurocodec.config import ConfigError
@@ -296,6 +297,31 @@ def test_cli_rejects_unknown_and_mistyped_options(capsys):
     for option in ("--trainer.max_steps", "--optim.disc_start_step", "--disc.kinds", "--loss.mel",
                    "--data.manifest", "--model.quantizer.kind", "--trainer.precision"):
         assert option in out
+
+
+def test_any_lightning_trainer_argument_passes_through(tmp_path):
+    """--trainer.NAME for a Lightning Trainer argument that neurocodec has no option for reaches the Trainer
+    (as in Lightning's CLI); default_root_dir is our root_dir; arguments we set say what to use instead."""
+    from neurocodec.train.fit import build_trainer
+
+    cfg = config("grvq_4cb", f"trainer.default_root_dir={tmp_path}", "trainer.limit_val_batches=1",
+                 "trainer.detect_anomaly=false", "trainer.max_steps=2", "trainer.run_name=through")
+    assert cfg.trainer.root_dir == str(tmp_path)
+    assert cfg.trainer.lightning_args == {"limit_val_batches": 1, "detect_anomaly": False}
+    trainer, _ = build_trainer(cfg, tmp_path / "through", world=1, loggers=False)
+    assert trainer.limit_val_batches == 1
+    with pytest.raises(ConfigError, match=r"trainer\.val_check_interval is set by neurocodec; use --trainer\.val_every"):
+        config("grvq_4cb", "trainer.val_check_interval=5")
+    with pytest.raises(ConfigError, match=r"trainer\.limit_val_batchez"):  # not a Trainer argument: still a typo
+        config("grvq_4cb", "trainer.limit_val_batchez=1")
+    # the command line, end to end: a real two-step run lands under --trainer.default_root_dir
+    argv = ["--config", "grvq_4cb", "--preset", "tiny", "--data.manifest", str(DEMO), "--trainer.max_steps", "2",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.run_name", "cli", "--trainer.limit_val_batches", "1"]
+    argv += [token for o in FAST for token in ("--" + o.partition("=")[0], o.partition("=")[2])]
+    assert main(argv) == 0
+    assert (tmp_path / "cli" / "codec.safetensors").is_file()
+    saved = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
+    assert saved["trainer"]["lightning_args"] == {"limit_val_batches": 1}  # and so a resume keeps it
 
 
 def test_progress_bar_of_a_resumed_run_rates_only_its_own_steps():

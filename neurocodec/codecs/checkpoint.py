@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from ..config import DEFAULT_MODEL, ConfigError, load_config, split_model_spec
 from ..errors import UserError
-from .families import FAMILIES
 from .model import CodecConfig
+from .registry import Family, families, family_of, get_family
 
 FORMAT = "neurocodec.codec.v1"
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "weights" / "default.safetensors"
@@ -34,12 +34,10 @@ DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "weights" / "defau
 def build_codec(model_config: dict | CodecConfig, sync_codebook: bool = False, name: str | None = None) -> torch.nn.Module:
     """A freshly initialised codec (deterministic: seeded from the config) for training or inference."""
     config = model_config if isinstance(model_config, CodecConfig) else CodecConfig.from_dict(model_config)
-    family = FAMILIES.get(config.family)
-    if family is None:
-        raise ConfigError(f"model.family {config.family!r} is not one of {', '.join(FAMILIES)}")
+    family = get_family(config.family)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        codec = family(config, sync_codebook=sync_codebook)
+        codec = family.codec_class(config, sync_codebook=sync_codebook)
     codec._name = name or config.family
     return codec
 
@@ -144,12 +142,11 @@ def load_weights_for_training(codec: torch.nn.Module, spec: str | Path) -> dict:
 
     Only weights move; the run's config (losses, optimiser, quantizer decay, ...) is the run's own. The
     network must be the same: the default model is `grvq_4cb` with `--preset tiny`."""
-    from ..image import is_image_codec
-
     spec = str(spec)
-    if spec == DEFAULT_MODEL and is_image_codec(codec):
-        raise UserError("--init_from default: the default model is an audio codec; fine-tune an image codec from "
-                        "an image codec file that training exported (runs/NAME/codec.safetensors)")
+    family = family_of(codec)
+    if spec == DEFAULT_MODEL and family.modality != "audio":
+        raise UserError(f"--init_from default: the default model is an audio codec; fine-tune an {family.modality} "
+                        f"codec from an {family.modality} codec file that training exported (runs/NAME/codec.safetensors)")
     path = DEFAULT_MODEL_PATH if spec == DEFAULT_MODEL else Path(spec)
     if not path.is_file():
         raise UserError(f"--init_from {spec}: {path} does not exist")
@@ -255,3 +252,18 @@ def weights_sha256(module: torch.nn.Module) -> str:
         # reshape(-1): a 0-d tensor (e.g. BatchNorm's num_batches_tracked) cannot be viewed as bytes
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def family_of_spec(spec: str | Path) -> Family | None:
+    """The family a `--model` spec (config name/path with preset, or codec file) names, read without building the
+    model; None when the spec cannot be read (the normal loading path then reports the real error)."""
+    spec = str(spec)
+    try:
+        if spec.endswith(".safetensors") or (Path(spec).is_file() and Path(spec).suffix not in (".yaml", ".yml")):
+            name = json.loads(read_metadata(spec).get("config", "{}")).get("family", "seanet")
+        else:
+            config_name, preset = split_model_spec(spec)
+            name = (load_config(config_name, preset).get("model") or {}).get("family", "seanet")
+    except Exception:  # noqa: BLE001 (see the docstring)
+        return None
+    return families().get(name)

@@ -91,11 +91,16 @@ def decode_streaming(codec, codes: torch.Tensor, chunk_frames: int) -> torch.Ten
 
 def cmd_encode(args: argparse.Namespace) -> int:
     from ..audio import load_audio
-    from ..image.commands import encode_image, wants_image
+    from .registry import family_claiming, family_of
 
     codec = _load(args.model, args.num_codebooks)
-    if wants_image(codec, args.input):  # image model + image file (a mismatch is an error)
-        return encode_image(args, codec)
+    own = family_of(codec).hook("encode")  # a family whose inputs are not audio (images) encodes its own way
+    if own is not None:
+        return own(args, codec)
+    other = family_claiming(args.input)
+    if other is not None:
+        raise UserError(f"{args.input} is an {other.modality}, but model {codec.name} is an audio codec (family "
+                        f"{codec.config.family}); use a model of family {other.name}")
     wav = load_audio(args.input, codec.sample_rate).unsqueeze(0)
     if args.chunk_ms is not None:
         codes = encode_streaming(codec, wav, args.chunk_ms * codec.sample_rate / 1000.0)
@@ -124,12 +129,12 @@ def load_codes(path: str | Path, axes: tuple[str, ...] = ("K", "T")) -> np.ndarr
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from ..audio import save_audio
-    from ..image import spec_is_image
+    from .checkpoint import family_of_spec
 
-    if spec_is_image(args.model):  # token grids [K, h, w] -> image
-        from ..image.commands import decode_image
-
-        return decode_image(args, _load(args.model))
+    family = family_of_spec(args.model)
+    own = family.hook("decode") if family is not None else None
+    if own is not None:  # e.g. token grids [K, h, w] -> image
+        return own(args, _load(args.model))
     codes_np = load_codes(args.input)
     codec = _load(args.model)
     codes = torch.from_numpy(codes_np.astype(np.int64)).unsqueeze(0)
@@ -162,10 +167,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    if info.get("modality") == "image":
-        from ..image.commands import print_info
+    from .registry import family_of
 
-        print_info(info)
+    own = family_of(codec).hook("info")
+    if own is not None:
+        own(info)
         return 0
     rows = [
         ("model", info["name"]),

@@ -29,6 +29,7 @@ from torch import nn
 from ..config import ConfigError, from_dict
 from ..errors import AudioError, CodesError
 from .quantizers import Quantizer, QuantizerConfig
+from .registry import Family
 from .seanet import SEANetConfig, SEANetDecoder, SEANetEncoder
 from .streaming import StreamingContainer
 
@@ -247,3 +248,7 @@ class Codec(CodebookSelection, StreamingContainer):
         self.check_codes(codes)
         return self._decode_latent(codes)
 
+
+
+# The family entry (pyproject.toml, entry point `neurocodec.families:seanet`; see codecs/registry.py).
+FAMILY = Family(name="seanet", modality="audio", codec_class=Codec)

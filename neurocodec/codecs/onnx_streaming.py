@@ -133,10 +133,11 @@ def export_streaming_onnx(codec: nn.Module, folder: str | Path, frames_per_step:
     """Write the codec's streaming encode and decode steps (F = `frames_per_step` frames each) to `folder`:
     for any number of streams, or for exactly `batch_size` (a static graph; ONNX Runtime then folds the
     shape arithmetic of every layer into constants, which makes a small model's step much cheaper)."""
-    from ..image import is_image_codec
+    from .registry import family_of
 
-    if is_image_codec(codec):
-        raise UserError(f"model {codec.name} is an image codec; ONNX streaming export is for audio codecs")
+    modality = family_of(codec).modality
+    if modality != "audio":
+        raise UserError(f"model {codec.name} is an {modality} codec; ONNX streaming export is for audio codecs")
     if frames_per_step < 1:
         raise UserError("--frames-per-step must be at least 1")
     if batch_size is not None and batch_size < 1:

@@ -42,6 +42,7 @@ from ..config import ConfigError, from_dict
 from ..errors import UserError
 from .model import Codec, CodecConfig, CodecOutput, check_branch_hop
 from .quantizers import Quantizer, QuantizerConfig, codebook_metrics
+from .registry import Family
 from .seanet import BottleneckConfig, SEANetConfig, SEANetDecoder, SEANetEncoder
 from .streaming import StreamingContainer
 
@@ -178,10 +179,11 @@ class SemantiCodec(Codec):
         self._num_codebooks = self.quantizer.total_codebooks
 
     # -- training ---------------------------------------------------------------------------------
-    def prepare_for_training(self, teacher, config=None, fine_tuning: bool = False) -> None:
-        """Called by the training module with the frozen teacher (and the TrainConfig): load the k-means
-        centroids (checked against the teacher, layer, frame rate and this model's sizes) into the codec.
-        Without `model.semanticodec.kmeans`, a single-process run fits them first on the training split.
+    def prepare_for_training(self, teacher, training_files=None, seed: int = 0, fine_tuning: bool = False) -> None:
+        """Called by the training module with the frozen teacher: load the k-means centroids (checked against the
+        teacher, layer, frame rate and this model's sizes) into the codec. Without `model.semanticodec.kmeans`
+        they are fitted first on `training_files()` (the run's training utterances; None where a run cannot fit
+        them, as under DDP, where each process would fit its own).
         When fine-tuning (`--init_from`), the codec keeps the centroids it was loaded with: its classifier and
         decoder learnt those cluster ids."""
         from .kmeans import load_kmeans
@@ -194,7 +196,7 @@ class SemantiCodec(Codec):
             return
         if not opts.kmeans:
             with torch.no_grad():
-                self.quantizer.centroids.copy_(self._fit_kmeans(teacher, config))
+                self.quantizer.centroids.copy_(self._fit_kmeans(teacher, training_files, seed))
             return
         try:
             centroids, meta = load_kmeans(opts.kmeans)
@@ -215,25 +217,22 @@ class SemantiCodec(Codec):
         with torch.no_grad():
             self.quantizer.centroids.copy_(centroids)
 
-    def _fit_kmeans(self, teacher, config) -> torch.Tensor:
+    def _fit_kmeans(self, teacher, training_files, seed: int) -> torch.Tensor:
         """K-means of the teacher's features over the training split, as `neurocodec kmeans` does with its
         defaults. Only for one process: DDP ranks would each fit their own (float rounding may differ)."""
-        from ..data.manifest import read_manifest
-        from ..train.fit import world_size
         from .kmeans import fit_minibatch_kmeans, teacher_frames
 
         howto = ("fit the semantic k-means first: `neurocodec kmeans --teacher <this config> --manifest <train "
                  "manifest> -o km.safetensors`, then train with --model.semanticodec.kmeans km.safetensors")
-        if config is None or world_size(config.trainer) > 1:
+        if training_files is None:
             raise ConfigError(f"model.semanticodec.kmeans is not set: {howto}")
-        utterances = read_manifest(config.data.manifest, config.data.train_split)
+        utterances = training_files()
         if not utterances:
-            raise ConfigError(f"model.semanticodec.kmeans is not set and {config.data.manifest} has no training files")
+            raise ConfigError("model.semanticodec.kmeans is not set and the training manifest has no training files")
         print(f"model.semanticodec.kmeans is not set: fitting {self.options.clusters} clusters on the teacher's "
               f"features of {len(utterances)} training file(s) (saved with the codec's weights; to reuse them, {howto})")
-        frames = teacher_frames(teacher, utterances, self.frame_rate, max_frames=KMEANS_MAX_FRAMES,
-                                seed=config.trainer.seed)
-        return fit_minibatch_kmeans(frames, self.options.clusters, KMEANS_ITERS, KMEANS_BATCH, seed=config.trainer.seed)
+        frames = teacher_frames(teacher, utterances, self.frame_rate, max_frames=KMEANS_MAX_FRAMES, seed=seed)
+        return fit_minibatch_kmeans(frames, self.options.clusters, KMEANS_ITERS, KMEANS_BATCH, seed=seed)
 
     def semantic_targets(self, teacher_features: torch.Tensor) -> torch.Tensor:
         """K-means ids [B, T] of teacher features [B, D, T] (the assignment `neurocodec kmeans` uses)."""
@@ -282,3 +281,7 @@ class SemantiCodec(Codec):
         info["semantic_clusters"] = self.quantizer.clusters
         info["tokens_per_second"] = self.num_codebooks * self.frame_rate
         return info
+
+
+# The family entry (pyproject.toml, entry point `neurocodec.families:semanticodec`; see codecs/registry.py).
+FAMILY = Family(name="semanticodec", modality="audio", codec_class=SemantiCodec)

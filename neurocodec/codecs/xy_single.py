@@ -44,6 +44,7 @@ from torch import nn
 from ..config import ConfigError, from_dict
 from .model import Codec, CodecConfig, CodecOutput, check_branch_hop
 from .quantizers import Quantizer
+from .registry import Family
 from .seanet import BottleneckConfig, SEANetConfig, SEANetDecoder, SEANetEncoder
 from .streaming import SampleCounter, StreamingContainer, StreamingConv1d
 
@@ -139,9 +140,9 @@ class XYSingleCodec(Codec):
             self.encoder.train(was_training)
         return x
 
-    def prepare_for_training(self, teacher, config=None, fine_tuning: bool = False) -> None:
-        """Called by the training module with the frozen teacher (and the TrainConfig): the teacher's width
-        must match the distillation projection."""
+    def prepare_for_training(self, teacher, training_files=None, seed: int = 0, fine_tuning: bool = False) -> None:
+        """Called by the training module with the frozen teacher (see SemantiCodec.prepare_for_training): the
+        teacher's width must match the distillation projection."""
         if teacher.dim != self.xy.teacher_dim:
             raise ConfigError(f"the teacher's features have {teacher.dim} channels but model.xy_single.teacher_dim is "
                               f"{self.xy.teacher_dim}: set --model.xy_single.teacher_dim {teacher.dim}")
@@ -177,3 +178,7 @@ class XYSingleCodec(Codec):
             metrics["distill_cosine"] = cosine.detach()
         return CodecOutput(audio=audio, codes=q.codes, latent=latent, quantizer_loss=q.loss, metrics=metrics,
                            aux_losses=aux)
+
+
+# The family entry (pyproject.toml, entry point `neurocodec.families:xy_single`; see codecs/registry.py).
+FAMILY = Family(name="xy_single", modality="audio", codec_class=XYSingleCodec)

@@ -74,12 +74,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .report import results_table, target_lines, write_json, write_report
     from .runner import BITRATE_NOTE, evaluate, find_clips
 
-    from ..image import spec_is_image
+    from ..codecs.checkpoint import family_of_spec
 
-    if spec_is_image(args.model):  # image codecs: PSNR / SSIM / MS-SSIM / bpp vs JPEG and WebP
-        from ..image.evaluate import cmd_eval_image
-
-        return cmd_eval_image(args, _ks(args.num_codebooks), DEFAULT_BASELINES)
+    family = family_of_spec(args.model)
+    own = family.hook("eval") if family is not None else None
+    if own is not None:  # e.g. image codecs: PSNR / SSIM / MS-SSIM / bpp vs JPEG and WebP
+        return own(args, _ks(args.num_codebooks), DEFAULT_BASELINES)
     if args.max_clips is not None and args.max_clips < 1:
         raise UserError("--max-clips must be at least 1")
     baselines = parse_baselines(args.baselines)

@@ -18,7 +18,6 @@ import torch
 
 from ..codecs.commands import load_codes
 from ..errors import UserError
-from . import is_image_codec
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,23 +43,13 @@ def cmd_image_data(args: argparse.Namespace) -> int:
 
 
 # -- encode / decode ------------------------------------------------------------------------------------
-def wants_image(codec, input_path: str) -> bool:
-    """True when `encode` should take the image path; a model/input mismatch is a one-line error."""
-    from .io import is_image_path
-
-    image_model, image_file = is_image_codec(codec), is_image_path(input_path)
-    if image_model and not image_file:
-        raise UserError(f"{input_path}: model {codec.name} is an image codec; give it an image file "
-                        f"(.png, .jpg, .webp, ...)")
-    if image_file and not image_model:
-        raise UserError(f"{input_path} is an image, but model {codec.name} is an audio codec "
-                        f"(family {codec.config.family}); use an image model such as image_fsq")
-    return image_model
-
-
 def encode_image(args: argparse.Namespace, codec) -> int:
-    from .io import load_image
+    """`neurocodec encode` with an image model (the image family's "encode" hook, image/family.py)."""
+    from .io import is_image_path, load_image
 
+    if not is_image_path(args.input):
+        raise UserError(f"{args.input}: model {codec.name} is an image codec; give it an image file "
+                        f"(.png, .jpg, .webp, ...)")
     img = load_image(args.input)
     if getattr(args, "chunk_ms", None) is not None:
         raise UserError("--chunk-ms is for audio; images are encoded whole")

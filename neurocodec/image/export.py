@@ -148,3 +148,11 @@ def run_image_export(model: str, folder: str, out: str, shard_size: int = 1000, 
             f"`neurocodec decode tokens.npy -o out.png --model {desc['spec']}` after `np.save('tokens.npy', codes)`."]
     fmt.write_text_atomic(out_dir / fmt.CARD_FILE, "\n".join(card) + "\n")
     return info
+
+
+def export_image_tokens(args) -> int:
+    """`neurocodec export` with an image model (the image family's "export" hook): --manifest is a folder of images."""
+    info = run_image_export(args.model, args.manifest, args.out, args.shard_size, args.num_codebooks, args.overwrite)
+    print(f"{args.out}: {info['rows']} images, {len(info['files'])} shards, {info['num_bad']} unreadable file(s) "
+          f"skipped; {info['num_codebooks']} codebooks, {info['bits_per_token']:.2f} bits per token")
+    return 0

@@ -2,7 +2,7 @@
 
 `train/fit.py` hands a config whose `model.family` is an image family to `main` here. The run folder,
 Lightning trainer, atomic checkpoints, exact resume, EMA export to `codec.safetensors`, progress bar and
-loggers are those of the audio training (`neurocodec.train.fit.build_trainer`, `callbacks.py`,
+loggers are those of the audio training (`neurocodec.train.engine.build_trainer`, `callbacks.py`,
 `progress.py`); what differs is the config sections `data` (image folders), `loss` (L1, SSIM/MS-SSIM,
 perceptual, adversarial) and `disc` (PatchGAN), and the Lightning module below.
 
@@ -25,12 +25,14 @@ from torch import nn
 from ..codecs.model import CodecConfig
 from ..codecs.quantizers import CodebookUsage
 from ..config import ConfigError, from_dict, load_config
+from ..distributed import world_size
 from ..errors import UserError
-from ..train.config import OptimConfig, TrainerConfig, _check_types, option_help, drop_run_record
+from ..train.config import OptimConfig, TrainerConfig, _check_types, drop_run_record, option_help, split_lightning_args
+from ..train.engine import build_trainer as build_codec_trainer
+from ..train.engine import fit_in_run_dir, print_or_train, resume_hint, run_dir_of_checkpoint
 from ..train.ema import WeightEMA
 from ..train.module import gan_optimizers
 from ..train.losses import discriminator_loss, feature_matching_loss, generator_adversarial_loss
-from . import IMAGE_FAMILIES
 from .data import ImageDataConfig, ImageDataModule
 from .discriminator import ImageDiscriminators, PatchDiscConfig
 from .losses import ImageLossConfig, PerceptualLoss, reconstruction_losses
@@ -50,6 +52,7 @@ class ImageTrainConfig:
 
 
 def parse_image_train_config(raw: dict) -> ImageTrainConfig:
+    raw = split_lightning_args(raw)
     config = from_dict(ImageTrainConfig, _check_types(ImageTrainConfig, raw, "config"), "config")
     from .model import ImageNetConfig
 
@@ -197,34 +200,14 @@ class ImageTrainingModule(L.LightningModule):
 
 
 def build_trainer(config: ImageTrainConfig, run_dir: Path, world: int, extra_callbacks=(), loggers: bool = True):
-    """The audio runs' trainer (`neurocodec.train.fit.build_trainer`); Lightning's max_steps counts G + D steps."""
-    from ..train.fit import build_trainer as build_codec_trainer
-
+    """The audio runs' trainer (`neurocodec.train.engine.build_trainer`); Lightning's max_steps counts G + D steps."""
     t, o = config.trainer, config.optim
     d_steps = max(0, t.max_steps - o.disc_start_step) if config.disc.kinds else 0
     return build_codec_trainer(config, run_dir, world, extra_callbacks, loggers, lightning_steps=t.max_steps + d_steps)
 
 
-# -- train/fit.py dispatch -------------------------------------------------------------------------------
-def is_image_config(args) -> bool:
-    """Whether the config `train/fit.py` was given (or the run config of --ckpt_path) is an image family."""
-    from ..train.fit import run_dir_of_checkpoint
-
-    name = args.config
-    if name is None and args.ckpt_path:
-        name = run_dir_of_checkpoint(Path(args.ckpt_path)) / "config.yaml"
-    if name is None:
-        return False
-    try:
-        raw = load_config(name, args.preset if args.config else None, args.overrides)
-    except UserError:
-        return False  # the audio path reports the error
-    return (raw.get("model") or {}).get("family") in IMAGE_FAMILIES
-
-
+# -- train/fit.py for image configs (the image family's `training` entry, image/family.py) ----------------------
 def resolve_image_config(args) -> ImageTrainConfig:
-    from ..train.fit import run_dir_of_checkpoint
-
     from_saved = args.config is None
     name = args.config or str(run_dir_of_checkpoint(Path(args.ckpt_path)) / "config.yaml")
     raw = load_config(name, None if from_saved else args.preset, args.overrides)
@@ -240,7 +223,6 @@ def resolve_image_config(args) -> ImageTrainConfig:
 def run_image_training(config: ImageTrainConfig, run_dir: Path, ckpt_path: str | None = None, loggers: bool = True,
                        extra_callbacks=(), init_from: str | None = None):
     from ..codecs.checkpoint import build_codec, lineage_steps, load_weights_for_training
-    from ..train.fit import fit_in_run_dir, world_size
 
     run_dir = Path(run_dir)
     if ckpt_path is not None and not Path(ckpt_path).is_file():
@@ -260,9 +242,7 @@ def run_image_training(config: ImageTrainConfig, run_dir: Path, ckpt_path: str |
 
 
 def main(args) -> int:
-    """`train/fit.py` for image configs (`args`: `neurocodec.train.fit.FitArgs`)."""
-    from ..train.fit import print_or_train, resume_hint
-
+    """`train/fit.py` for image configs (`args`: `neurocodec.train.engine.FitArgs`)."""
     if args.help:
         from .model import ImageNetConfig
 

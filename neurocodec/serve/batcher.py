@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -87,7 +88,9 @@ class Worker:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._contexts = []
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # set when the worker thread died; the worker then refuses sessions
+        # Called on the worker thread with the error when the worker dies (the server turns NOT_SERVING).
+        self.on_failure: Callable[[BaseException], None] | None = None
 
     # -- lifetime -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -124,8 +127,17 @@ class Worker:
         with self.lock:
             return sum(s is None for s in self.slots[kind])
 
+    def failure_message(self) -> str | None:
+        """Why this worker takes no sessions (its thread died), or None while it is healthy."""
+        if self.error is None:
+            return None
+        return (f"the model worker failed ({type(self.error).__name__}: {self.error}); this replica no longer "
+                "serves: reconnect to another")
+
     def open(self, kind: str, num_codebooks: int, loop: asyncio.AbstractEventLoop) -> Session:
-        with self.lock:
+        with self.lock:  # the same lock as the failure path in _run: a session is either refused or told
+            if self.error is not None:
+                raise ServeError(grpc.StatusCode.UNAVAILABLE, self.failure_message())
             try:
                 slot = self.slots[kind].index(None)
             except ValueError:
@@ -176,13 +188,15 @@ class Worker:
                 while not self._stop and (self._step("encode") | self._step("decode")):
                     pass
         except BaseException as err:  # a model failure must not leave sessions hanging forever
-            self.error = err
             with self.lock:
+                self.error = err
                 for kind in self.slots:
                     for s in self.slots[kind]:
                         if s is not None:
                             s.loop.call_soon_threadsafe(s._deliver, ServeError(grpc.StatusCode.INTERNAL, f"model worker failed: {err}"))
-            raise
+            if self.on_failure is None:
+                raise
+            self.on_failure(err)  # the server logs it and turns NOT_SERVING
 
     def _frames_ready(self, s: Session) -> int:
         """Whole frames a session could step now (caller holds the lock); 0 when it is not ready."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import json
 import logging
 import math
@@ -119,6 +120,7 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 
         async def deny(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            return None
 
         async def deny_stream(request_iterator, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -148,7 +150,18 @@ class CodecServicer(pb_grpc.CodecServicer):
         name = name or self.default_model
         if name not in self.models:
             raise invalid(f"unknown model {name!r}; this server has: {', '.join(self.models)}")
+        failed = self.failed_worker()
+        if failed is not None:  # one dead worker takes the replica out of service (health says NOT_SERVING)
+            raise ServeError(grpc.StatusCode.UNAVAILABLE, failed)
         return self.models[name]
+
+    def failed_worker(self) -> str | None:
+        """Why this server serves nothing any more (a model's worker thread died), or None."""
+        for model in self.models.values():
+            message = model.worker.failure_message()
+            if message is not None:
+                return f"{model.name}: {message}"
+        return None
 
     @staticmethod
     def _num_codebooks(model: ServedModel, k: int) -> int:
@@ -222,6 +235,7 @@ class CodecServicer(pb_grpc.CodecServicer):
             status = err.code.name
             event("session_error", logging.WARNING, kind=kind, session=label, code=status, message=err.message)
             await context.abort(err.code, err.message)
+            return
         except asyncio.CancelledError:
             status = "CANCELLED"
             raise
@@ -234,7 +248,8 @@ class CodecServicer(pb_grpc.CodecServicer):
         """Admit a streaming call and take a slot. `configure(cfg, model)` checks the call's own config fields
         and returns what the call needs later; any bad config aborts the call before a slot is taken.
 
-        Returns (cfg, model, session, settings). The caller owns the slot from here on and must close it."""
+        Returns (cfg, model, session, settings), or None when the call was refused. The caller owns the slot from
+        here on and must close it."""
         try:
             self._admit()
             cfg = await self._first(it, f"Stream{kind.capitalize()}", start)
@@ -244,7 +259,8 @@ class CodecServicer(pb_grpc.CodecServicer):
             session = model.worker.open(kind, k, asyncio.get_running_loop())
         except ServeError as err:
             event("session_rejected", logging.WARNING, kind=kind, code=err.code.name, message=err.message)
-            await context.abort(err.code, err.message)
+            await context.abort(err.code, err.message)  # raises: the call ends here
+            return None
         return cfg, model, session, settings
 
     async def _read_client(self, it, start: float, worker: Worker, session, carries: str, to_input, max_buffered: int,
@@ -306,8 +322,10 @@ class CodecServicer(pb_grpc.CodecServicer):
             resampler = StreamingResampler(cfg.sample_rate_hz, rate) if cfg.sample_rate_hz != rate else None
             return check_format(cfg.format), check_channels(cfg.channels), resampler, model.offline.frame_rate
 
-        cfg, model, session, (fmt, channels, resampler, frame_rate) = await self._open_stream(
-            "encode", it, context, start, configure)
+        opened = await self._open_stream("encode", it, context, start, configure)
+        if opened is None:
+            return
+        cfg, model, session, (fmt, channels, resampler, frame_rate) = opened
         # Nothing from here to self._stream may raise: the slot is only freed there. (Lookups that could fail
         # belong in `configure`, which runs before the slot is taken.)
         worker = model.worker
@@ -346,7 +364,10 @@ class CodecServicer(pb_grpc.CodecServicer):
             resampler = StreamingResampler(rate, out_rate) if out_rate != rate else None
             return check_format(cfg.format, allow_unspecified=True), resampler, model.offline.quantizer.cardinalities
 
-        cfg, model, session, (fmt, resampler, cards) = await self._open_stream("decode", it, context, start, configure)
+        opened = await self._open_stream("decode", it, context, start, configure)
+        if opened is None:
+            return
+        cfg, model, session, (fmt, resampler, cards) = opened
         # Nothing from here to self._stream may raise: the slot is only freed there (see StreamEncode).
         worker = model.worker
 
@@ -389,6 +410,7 @@ class CodecServicer(pb_grpc.CodecServicer):
             samples = bytes_to_audio(request.audio, fmt, check_channels(cfg.channels))
         except ServeError as err:
             await context.abort(err.code, err.message)
+            return None
         codec = model.offline
 
         def run():
@@ -418,6 +440,7 @@ class CodecServicer(pb_grpc.CodecServicer):
             check_code_range(codes, model.offline.quantizer.cardinalities)
         except ServeError as err:
             await context.abort(err.code, err.message)
+            return None
         codec = model.offline
 
         def run():
@@ -433,6 +456,7 @@ class CodecServicer(pb_grpc.CodecServicer):
     async def ListModels(self, request, context):
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+            return None
         return pb.ListModelsResponse(models=[m.info() for m in self.models.values()], default_model=self.default_model)
 
     async def GetModelInfo(self, request, context):
@@ -440,6 +464,7 @@ class CodecServicer(pb_grpc.CodecServicer):
             model = self._model(request.model)
         except ServeError as err:
             await context.abort(err.code, err.message)
+            return None
         return model.info()
 
 
@@ -518,10 +543,27 @@ class Server:
     async def load(self) -> None:
         self.servicer.models = await asyncio.to_thread(load_models, self.options, self.preloaded)
         self.servicer.default_model = self.options.models[0]
+        loop = asyncio.get_running_loop()
+        for model in self.servicer.models.values():
+            model.worker.on_failure = functools.partial(self._worker_failed_threadsafe, loop, model.name)
         self.servicer.ready = True
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         event("serving", models=list(self.servicer.models))
+        for model in self.servicer.models.values():  # a worker that died before its callback was set
+            if model.worker.error is not None:
+                await self._worker_failed(model.name, model.worker.error)
+
+    def _worker_failed_threadsafe(self, loop: asyncio.AbstractEventLoop, name: str, err: BaseException) -> None:
+        """Worker.on_failure (runs on the dead worker's thread): hand over to the event loop."""
+        asyncio.run_coroutine_threadsafe(self._worker_failed(name, err), loop)
+
+    async def _worker_failed(self, name: str, err: BaseException) -> None:
+        """A model's worker died: its sessions have been told (INTERNAL); new ones get UNAVAILABLE
+        (`CodecServicer._model`), and health turns NOT_SERVING so that load balancers route elsewhere."""
+        event("worker_failed", logging.ERROR, model=name, error=f"{type(err).__name__}: {err}")
+        for service in ("", SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def drain(self, grace: float | None = None) -> None:
         """Graceful stop: NOT_SERVING, refuse new sessions, let running ones finish (up to `grace` s)."""

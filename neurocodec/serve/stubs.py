@@ -1,4 +1,5 @@
-"""Generate the Python gRPC stubs of `proto/neurocodec/v1/codec.proto` into `neurocodec/serve/v1/`.
+"""Generate the Python gRPC stubs of `neurocodec/serve/v1/codec.proto` (package data; the repository's
+`proto/neurocodec/v1/codec.proto` links to it) into `neurocodec/serve/v1/`.
 
 The stubs are committed (so installing neurocodec needs no protoc step) and `tests/test_serve_stubs.py`
 checks that they equal freshly generated ones. After editing the .proto, regenerate with
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PROTO_DIR = REPO / "proto" / "neurocodec" / "v1"
+PROTO_DIR = Path(__file__).resolve().parent / "v1"  # the .proto ships in the package, beside its stubs
 VIRTUAL = "neurocodec/serve/v1"
 
 

@@ -43,16 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..image import spec_is_image
+    from ..codecs.checkpoint import family_of_spec
     from .export import ExportOptions, run_export
 
-    if spec_is_image(args.model):  # an image codec: --manifest is a folder of images (neurocodec/image/export.py)
-        from ..image.export import run_image_export
-
-        info = run_image_export(args.model, args.manifest, args.out, args.shard_size, args.num_codebooks, args.overwrite)
-        print(f"{args.out}: {info['rows']} images, {len(info['files'])} shards, {info['num_bad']} unreadable file(s) "
-              f"skipped; {info['num_codebooks']} codebooks, {info['bits_per_token']:.2f} bits per token")
-        return 0
+    family = family_of_spec(args.model)
+    own = family.hook("export") if family is not None else None
+    if own is not None:  # e.g. an image codec: --manifest is a folder of images (neurocodec/image/export.py)
+        return own(args)
     info = run_export(ExportOptions(model=args.model, manifest=args.manifest, out=args.out, shard_size=args.shard_size,
                                     batch_size=args.batch_size, num_codebooks=args.num_codebooks, workers=args.workers,
                                     accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,

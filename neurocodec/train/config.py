@@ -80,12 +80,57 @@ class TrainerConfig:
     seed: int = 0
     enable_progress_bar: bool = True
     deterministic: bool = False
+    # Any other argument of Lightning's Trainer, given as --trainer.NAME VALUE (e.g. --trainer.accumulate_grad_batches);
+    # `split_lightning_args` gathers them here and `build_trainer` passes them on.
+    lightning_args: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.val_every < 1 or self.log_every < 1:
             raise ValueError("max_steps, val_every and log_every must be >= 1")
         if self.max_time is not None:
             max_time_seconds(self.max_time)  # checked here, not when Lightning builds its timer after setup
+
+
+# Lightning Trainer arguments that neurocodec sets itself: the option to use instead, or None (not settable).
+LIGHTNING_ARGS_WE_SET = {"val_check_interval": "trainer.val_every", "log_every_n_steps": "trainer.log_every",
+                         "callbacks": None, "logger": None, "plugins": None}
+LIGHTNING_ALIASES = {"default_root_dir": "root_dir"}  # Lightning's name -> ours (the run folder goes under it)
+
+
+def split_lightning_args(raw: dict) -> dict:
+    """Move the `trainer` keys that are not TrainerConfig fields but are arguments of `lightning.Trainer` into
+    `trainer.lightning_args`, as Lightning's own CLI accepts them; anything else stays for the strict check
+    to report. Lightning is imported only when such a key is present (a fast --help otherwise)."""
+    trainer = raw.get("trainer")
+    if not isinstance(trainer, dict):
+        return raw
+    ours = {f.name for f in dataclasses.fields(TrainerConfig)}
+    foreign = [k for k in trainer if k not in ours]
+    if not foreign:
+        return raw
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    accepted = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    trainer = dict(trainer)
+    passed = dict(trainer.get("lightning_args") or {})
+    for key in foreign:
+        if key in LIGHTNING_ALIASES:
+            ours_key = LIGHTNING_ALIASES[key]
+            value = trainer.pop(key)
+            if ours_key in trainer and trainer[ours_key] != value:
+                raise ConfigError(f"trainer.{key} and trainer.{ours_key} name the same folder: give one")
+            trainer[ours_key] = value
+        elif key in LIGHTNING_ARGS_WE_SET:
+            instead = LIGHTNING_ARGS_WE_SET[key]
+            raise ConfigError(f"trainer.{key} is set by neurocodec" + (f"; use --{instead}" if instead else
+                                                                        " and cannot be given from a config"))
+        elif key in accepted:
+            passed[key] = trainer.pop(key)
+    if passed:
+        trainer["lightning_args"] = passed
+    return {**raw, "trainer": trainer}
 
 
 def max_time_seconds(max_time: str) -> int:
@@ -304,6 +349,7 @@ def drop_run_record(raw: dict) -> None:
 
 def parse_train_config(raw: dict) -> TrainConfig:
     """Validate a raw config dict (from `load_config`) into a `TrainConfig`; unknown keys are errors."""
+    raw = split_lightning_args(raw)
     return from_dict(TrainConfig, _check_types(TrainConfig, raw, "config"), "config")
 
 

@@ -34,6 +34,17 @@ from .losses import (MultiResolutionMelLoss, MultiScaleSTFTLoss, discriminator_l
                      generator_adversarial_loss)
 
 
+def training_files_for_fitting(config):
+    """What a codec that fits something on the training data before training (semanticodec's k-means) reads:
+    a function giving the training split's utterances, or None under DDP (each process would fit its own)."""
+    from ..data.manifest import read_manifest
+    from ..distributed import world_size
+
+    if world_size(config.trainer) > 1:
+        return None
+    return lambda: read_manifest(config.data.manifest, config.data.train_split)
+
+
 def lightning_max_steps(max_steps: int, disc_start_step: int, has_disc: bool, config: TrainConfig | None = None) -> int:
     """Lightning counts each optimizer.step(): G steps plus D steps (D steps start at disc_start_step; with
     `config`, only in the training stages whose discriminator is on)."""
@@ -79,8 +90,9 @@ class CodecTrainingModule(L.LightningModule):
             from ..codecs.teacher import build_teacher
 
             self.__dict__["teacher"] = build_teacher(config.teacher)
-            if hasattr(codec, "prepare_for_training"):  # e.g. semanticodec loads its k-means centroids
-                codec.prepare_for_training(self.teacher, config=config, fine_tuning=fine_tuning)
+            if hasattr(codec, "prepare_for_training"):  # e.g. semanticodec loads (or fits) its k-means centroids
+                codec.prepare_for_training(self.teacher, training_files=training_files_for_fitting(config),
+                                           seed=config.trainer.seed, fine_tuning=fine_tuning)
         self._pending_rng: dict | None = None
         self._val: dict = {}
         parts = dict(codec.named_children())

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def resolve_teacher(spec: str, layer: int | None = None):
     """(TeacherConfig, frame rate or None, clusters or None) from a config name/path or a teacher source."""
     from ..config import ConfigError, from_dict, load_config, resolve_config_path, split_model_spec
-    from .teacher import TeacherConfig
+    from ..codecs.teacher import TeacherConfig
 
     if Path(spec).is_dir():
         teacher = TeacherConfig(source=spec)
@@ -65,7 +65,7 @@ def resolve_teacher(spec: str, layer: int | None = None):
 
 
 def _model_defaults(model: dict) -> tuple[float | None, int | None]:
-    from .model import CodecConfig
+    from ..codecs.model import CodecConfig
 
     config = CodecConfig.from_dict(model)
     frame_rate = config.sample_rate / config.seanet.hop_length
@@ -75,9 +75,9 @@ def _model_defaults(model: dict) -> tuple[float | None, int | None]:
 
 def cmd_kmeans(args: argparse.Namespace) -> int:
     from ..data.manifest import read_manifest
-    from .kmeans import assign, fit_minibatch_kmeans, inertia, save_kmeans, teacher_frames
-    from .quantizers import codebook_histogram
-    from .teacher import build_teacher
+    from ..codecs.kmeans import assign, fit_minibatch_kmeans, inertia, save_kmeans, teacher_frames
+    from ..codecs.quantizers import codebook_histogram
+    from ..codecs.teacher import build_teacher
 
     for name in ("batch_size", "iters", "max_frames"):
         if getattr(args, name) < 1:

@@ -1,0 +1,1 @@
+"""Codecs: streaming modules, encoders/decoders, the quantizer adapter and the codec families."""
