@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from neurocodec.audio import load_audio
 from neurocodec.codecs.checkpoint import load_codec, read_metadata
-from neurocodec.codecs.quantizers import CodebookUsage, lfq_bit_weights, lfq_entries, uniform_usage
+from neurocodec.codecs.lfq_balance import lfq_bit_weights, lfq_entries
+from neurocodec.codecs.quantizers import CodebookUsage, uniform_usage
 from neurocodec.codecs.teacher import build_teacher
 from neurocodec.config import load_config, split_model_spec
 from neurocodec.data.manifest import read_manifest

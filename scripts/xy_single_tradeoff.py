@@ -10,7 +10,7 @@ test frames:
 
 * `model`: the trained LFQ code (signs of its learnt axes);
 * `model_balanced_thresholds`: the same axes, each bit cut at the median of the frames with the same bits
-  before it (`quantizers.fit_balanced_thresholds`), so the training frames spread evenly over the entries;
+  before it (`lfq_balance.fit_balanced_thresholds`), so the training frames spread evenly over the entries;
 * `axes_whitened`: the same axes, ZCA-whitened with training statistics before the signs;
 * `latent_whitened_random_axes`: the whole latent whitened, signs of `bits` random directions (a hash);
 * `top{k}_whitened_random_axes`: the latent's top-k principal components whitened, signs of random directions;
@@ -38,7 +38,7 @@ from tqdm import tqdm
 from neurocodec.audio import load_audio
 from neurocodec.codecs.checkpoint import load_codec
 from neurocodec.codecs.kmeans import assign, fit_minibatch_kmeans
-from neurocodec.codecs.quantizers import fit_balanced_thresholds, lfq_entries
+from neurocodec.codecs.lfq_balance import fit_balanced_thresholds, lfq_entries
 from neurocodec.data.manifest import read_manifest
 
 

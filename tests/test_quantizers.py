@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from neurocodec.codecs.checkpoint import load_codec
-from neurocodec.codecs.quantizers import (CodeBalance, CodebookUsage, Quantizer, QuantizerConfig, codebook_metrics,
-                                          decorrelation_loss, fit_balanced_thresholds, lfq_entries,
-                                          usage_from_histogram)
+from neurocodec.codecs.lfq_balance import CodeBalance, decorrelation_loss, fit_balanced_thresholds, lfq_entries
+from neurocodec.codecs.quantizers import CodebookUsage, Quantizer, QuantizerConfig, codebook_metrics, usage_from_histogram
 from neurocodec.config import ConfigError, from_dict
 
 ALL = {

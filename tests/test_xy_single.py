@@ -22,7 +22,7 @@ from neurocodec.cli import main as cli
 from neurocodec.codecs.checkpoint import build_codec, load_codec, prepare_for_inference, warm_start_codebooks
 from neurocodec.codecs.commands import decode_streaming, encode_streaming
 from neurocodec.config import ConfigError, load_config
-from neurocodec.codecs.quantizers import lfq_entries
+from neurocodec.codecs.lfq_balance import lfq_entries
 from neurocodec.data.manifest import Utterance, read_manifest, write_manifest
 from neurocodec.train.config import StageConfig, discriminator_on_at, parse_train_config
 from neurocodec.train.fit import FitArgs, resolve_config, run_training
@@ -303,7 +303,7 @@ def test_a_frozen_stage_fits_balanced_code_thresholds_once_after_the_norms(tmp_p
 
     # The fit draws its crops from its own seeded RNG: the same thresholds again, and training's RNG untouched.
     fitted, rng = quantizer.thresholds.clone(), torch.get_rng_state()
-    module.fit_code_thresholds(3000, seed=5)
+    module.stage_work.fit_code_thresholds(module, 3000, seed=5)
     assert torch.equal(quantizer.thresholds, fitted) and torch.equal(torch.get_rng_state(), rng)
 
     # A stage that asks for thresholds from a quantizer that keeps none is a config error before training.

@@ -19,9 +19,9 @@ from the encoder, but nothing makes the encoder fill it: with FSQ [8, 8, 8, 4, 4
 the entries on the held-out speaker, the fused latent varying along few directions. LFQ's code is a product
 of 13 bits, so its entropy is the sum of the bits' entropies when the bits are independent. Two terms push
 there: the library's entropy term (confident bits, distinct codes within a batch) and
-`quantizers.decorrelation_loss` (each bit centred, bits uncorrelated over the batch), which is well
+`lfq_balance.decorrelation_loss` (each bit centred, bits uncorrelated over the batch), which is well
 estimated from a few hundred frames however large the codebook (`quantizer.decorrelation_weight`).
-Pairwise independence still leaves higher-order dependence, so a third term, `quantizers.CodeBalance`
+Pairwise independence still leaves higher-order dependence, so a third term, `lfq_balance.CodeBalance`
 (`quantizer.code_balance_weight`), flattens the code distribution seen over the last ~100 batches
 (docs/semantic.md has the measurements).
 `quantizer.kind: fsq` or `vq` (EMA VQ with k-means init and dead-code expiry) can still be chosen.

@@ -33,8 +33,9 @@ from ..errors import UserError
 from .batcher import END, Worker
 from .v1 import codec_pb2 as pb
 from .v1 import codec_pb2_grpc as pb_grpc
-from .wire import (ServeError, StreamingResampler, audio_to_bytes, bytes_to_audio, check_channels, check_code_range,
-                   check_format, check_rate, frames_to_codes, invalid)
+from .session import DecodeSession, EncodeSession, StreamSession
+from .wire import (ServeError, audio_to_bytes, bytes_to_audio, check_channels, check_code_range, check_format,
+                   check_rate, invalid)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Codec"].full_name  # "neurocodec.v1.Codec"
 log = logging.getLogger("neurocodec.serve")
@@ -243,160 +244,83 @@ class CodecServicer(pb_grpc.CodecServicer):
             self.active -= 1
             event("session_end", kind=kind, session=label, status=status, seconds=round(time.monotonic() - start, 3))
 
-    # -- streaming calls: what StreamEncode and StreamDecode share --------------------------------------------
-    async def _open_stream(self, kind: str, it, context, start: float, configure):
-        """Admit a streaming call and take a slot. `configure(cfg, model)` checks the call's own config fields
-        and returns what the call needs later; any bad config aborts the call before a slot is taken.
+    # -- streaming calls: StreamEncode and StreamDecode share all but what serve/session.py says ----------------
+    async def StreamEncode(self, request_iterator, context):
+        # aclosing: when the call ends early, the session's cleanup runs now, not when the generator is collected
+        async with contextlib.aclosing(self._stream_call(EncodeSession, request_iterator, context)) as responses:
+            async for response in responses:
+                yield response
 
-        Returns (cfg, model, session, settings), or None when the call was refused. The caller owns the slot from
-        here on and must close it."""
+    async def StreamDecode(self, request_iterator, context):
+        async with contextlib.aclosing(self._stream_call(DecodeSession, request_iterator, context)) as responses:
+            async for response in responses:
+                yield response
+
+    async def _open_stream(self, session_class: type[StreamSession], it, context, start: float) -> StreamSession | None:
+        """Admit a streaming call and take a slot. The session checks its own config fields when it is made, so a
+        bad config aborts the call before a slot is taken. Returns the session holding its slot (the caller must
+        close it), or None when the call was refused."""
         try:
             self._admit()
-            cfg = await self._first(it, f"Stream{kind.capitalize()}", start)
+            cfg = await self._first(it, f"Stream{session_class.kind.capitalize()}", start)
             model = self._model(cfg.model)
-            settings = configure(cfg, model)
+            call = session_class(cfg, model, self.options.max_buffered_s)
             k = self._num_codebooks(model, cfg.num_codebooks)
-            session = model.worker.open(kind, k, asyncio.get_running_loop())
+            call.slot = model.worker.open(call.kind, k, asyncio.get_running_loop())
         except ServeError as err:
-            event("session_rejected", logging.WARNING, kind=kind, code=err.code.name, message=err.message)
+            event("session_rejected", logging.WARNING, kind=session_class.kind, code=err.code.name, message=err.message)
             await context.abort(err.code, err.message)  # raises: the call ends here
             return None
-        return cfg, model, session, settings
+        return call
 
-    async def _read_client(self, it, start: float, worker: Worker, session, carries: str, to_input, max_buffered: int,
-                           flush=None) -> None:
-        """A session's reader task: each client message -> `to_input(msg)` -> the worker, with backpressure, then
-        `flush()`'s tail and END. Errors go to the session's queue: they end this session and no other."""
+    async def _read_client(self, it, start: float, call: StreamSession) -> None:
+        """A session's reader task: each client message -> `call.to_input(msg)` -> the worker, with backpressure,
+        then `call.flush()`'s tail and END. Errors go to the session's queue: they end this session and no other."""
+        worker, slot = call.model.worker, call.slot
         try:
             while (msg := await self._next(it, start)) is not None:
-                if msg.WhichOneof("request") != carries:
-                    raise invalid(f"config may only be sent once, as the first message; later messages carry {carries}")
-                data = to_input(msg)
+                if msg.WhichOneof("request") != call.carries:
+                    raise invalid(f"config may only be sent once, as the first message; later messages carry {call.carries}")
+                data = call.to_input(msg)
                 if data is not None:
-                    worker.push(session, data)
-                while worker.buffered(session) > max_buffered:  # backpressure: stop reading this client
+                    worker.push(slot, data)
+                while worker.buffered(slot) > call.max_buffered:  # backpressure: stop reading this client
                     await asyncio.sleep(0.005)
-            tail = flush() if flush is not None else None
+            tail = call.flush()
             if tail is not None:
-                worker.push(session, tail)
-            worker.end(session)
+                worker.push(slot, tail)
+            worker.end(slot)
         except ServeError as err:
-            session.queue.put_nowait(err)
+            slot.queue.put_nowait(err)
         except (asyncio.CancelledError, grpc.RpcError):
             raise
         except Exception as err:  # noqa: BLE001 - a bug must end this session only
-            session.queue.put_nowait(ServeError(grpc.StatusCode.INTERNAL, f"internal error: {err!r}"))
+            slot.queue.put_nowait(ServeError(grpc.StatusCode.INTERNAL, f"internal error: {err!r}"))
 
-    async def _stream(self, kind: str, context, cfg, model: ServedModel, session, reader_factory, body_factory):
-        """Run an admitted session: tell the client, start its reader, yield `body_factory(reader)`'s responses;
+    async def _stream_call(self, session_class: type[StreamSession], request_iterator, context):
+        """A whole streaming call: admit it, tell the client, start its reader, yield the session's responses;
         whatever happens, stop the reader and free the slot."""
-        worker, reader = model.worker, None
-        try:
-            label = self._label(cfg.session_id)
+        start = time.monotonic()
+        it = request_iterator.__aiter__()
+        call = await self._open_stream(session_class, it, context, start)
+        if call is None:
+            return
+        worker, reader = call.model.worker, None
+        try:  # the slot is taken: from here on it is freed in `finally`, whatever happens
+            label = self._label(call.cfg.session_id)
             # Initial metadata tells the client its session was admitted: clients may wait for it before
             # sending audio (see client._bidi), so a rejection is never reported as a failed write.
             await context.send_initial_metadata((("x-neurocodec-session", label),))
-            reader = asyncio.create_task(reader_factory())
-            responses = self._run_session(context, kind, label, model, body_factory(reader))
+            reader = asyncio.create_task(self._read_client(it, start, call))
+            body = call.responses(self._pump(worker, call.slot, reader))
+            responses = self._run_session(context, call.kind, label, call.model, body)
             async with contextlib.aclosing(responses):
                 async for response in responses:
                     yield response
         finally:
             if reader is not None:
                 reader.cancel()
-            worker.close(session)
-
-    @staticmethod
-    def _present(data) -> object | None:
-        """None for an empty chunk (nothing to push)."""
-        return data if data.shape[-1] else None
-
-    # -- StreamEncode --------------------------------------------------------------------------------------
-    async def StreamEncode(self, request_iterator, context):
-        start = time.monotonic()
-        it = request_iterator.__aiter__()
-
-        def configure(cfg, model):
-            check_rate(cfg.sample_rate_hz)
-            rate = model.offline.sample_rate
-            resampler = StreamingResampler(cfg.sample_rate_hz, rate) if cfg.sample_rate_hz != rate else None
-            return check_format(cfg.format), check_channels(cfg.channels), resampler, model.offline.frame_rate
-
-        opened = await self._open_stream("encode", it, context, start, configure)
-        if opened is None:
-            return
-        cfg, model, session, (fmt, channels, resampler, frame_rate) = opened
-        # Nothing from here to self._stream may raise: the slot is only freed there. (Lookups that could fail
-        # belong in `configure`, which runs before the slot is taken.)
-        worker = model.worker
-
-        def to_input(msg):
-            samples = bytes_to_audio(msg.audio, fmt, channels)
-            return self._present(resampler.push(samples) if resampler is not None else samples)
-
-        def flush():
-            return self._present(resampler.flush()) if resampler is not None else None
-
-        def reader():
-            return self._read_client(it, start, worker, session, "audio", to_input,
-                                     int(self.options.max_buffered_s * model.offline.sample_rate), flush)
-
-        async def body(reader_task):
-            async for batch in self._pump(worker, session, reader_task):
-                yield pb.StreamEncodeResponse(frames=[
-                    pb.TokenFrame(index=i, time_offset_s=i / frame_rate, tokens=codes.tolist()) for i, codes in batch])
-
-        # aclosing: when the call ends early, the session's cleanup runs now, not when the generator is collected
-        responses = self._stream("encode", context, cfg, model, session, reader, body)
-        async with contextlib.aclosing(responses):
-            async for response in responses:
-                yield response
-
-    # -- StreamDecode --------------------------------------------------------------------------------------
-    async def StreamDecode(self, request_iterator, context):
-        start = time.monotonic()
-        it = request_iterator.__aiter__()
-
-        def configure(cfg, model):
-            rate = model.offline.sample_rate
-            out_rate = cfg.sample_rate_hz or rate
-            check_rate(out_rate)
-            resampler = StreamingResampler(rate, out_rate) if out_rate != rate else None
-            return check_format(cfg.format, allow_unspecified=True), resampler, model.offline.quantizer.cardinalities
-
-        opened = await self._open_stream("decode", it, context, start, configure)
-        if opened is None:
-            return
-        cfg, model, session, (fmt, resampler, cards) = opened
-        # Nothing from here to self._stream may raise: the slot is only freed there (see StreamEncode).
-        worker = model.worker
-
-        def to_input(msg):
-            return self._present(frames_to_codes(msg.frames.frames, session.num_codebooks, cards))
-
-        def reader():
-            return self._read_client(it, start, worker, session, "frames", to_input,
-                                     max(1, int(self.options.max_buffered_s * model.offline.frame_rate)))
-
-        async def body(reader_task):
-            sample = 0
-            async for batch in self._pump(worker, session, reader_task):
-                audio = np.concatenate([wav for _, wav in batch])
-                if resampler is not None:
-                    audio = resampler.push(audio)
-                yield pb.StreamDecodeResponse(audio=audio_to_bytes(audio, fmt), first_frame=batch[0][0],
-                                              num_frames=len(batch), first_sample=sample)
-                sample += audio.size
-            if resampler is not None:
-                tail = resampler.flush()
-                if tail.size:
-                    yield pb.StreamDecodeResponse(audio=audio_to_bytes(tail, fmt), first_frame=session.next_index,
-                                                  num_frames=0, first_sample=sample)
-
-        responses = self._stream("decode", context, cfg, model, session, reader, body)
-        async with contextlib.aclosing(responses):
-            async for response in responses:
-                yield response
+            worker.close(call.slot)
 
     # -- unary ------------------------------------------------------------------------------------------------
     async def Encode(self, request, context):

@@ -1,4 +1,4 @@
-"""What every codec run shares, audio and image alike: its run folder, the process count, the Lightning
+"""What every codec run shares, audio and image alike: its command line, its run folder, the Lightning
 Trainer (checkpoints, EMA codec export, progress bar, logs, DDP strategy) and the fit in that folder.
 
 `train/fit.py` (audio families) and `image/train.py` (the image family) each parse their own config and build

@@ -19,19 +19,16 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
-from ..audio import load_audio
 from ..codecs.quantizers import CodebookUsage
 from ..config import ConfigError
-from ..errors import AudioError
 from ..eval.metrics import pesq_score, stoi_score
-from .config import (TrainConfig, discriminator_on_at, discriminator_steps, frozen_at, loss_weights_at,
-                     stage_index, steps_into_stage)
+from .config import TrainConfig, discriminator_on_at, discriminator_steps, loss_weights_at, stage_index
 from .discriminators import Discriminators
 from .ema import WeightEMA
 from .losses import (MultiResolutionMelLoss, MultiScaleSTFTLoss, discriminator_loss, feature_matching_loss,
                      generator_adversarial_loss)
+from .stages import StageWork
 
 
 def training_files_for_fitting(config):
@@ -101,14 +98,13 @@ class CodecTrainingModule(L.LightningModule):
             if unknown:
                 raise ConfigError(f"stages[{i}].freeze names {', '.join(unknown)}, which this codec does not have; "
                                   f"its parts: {', '.join(sorted(parts))}")
-        # Parameters of every part that some stage freezes, with their own requires_grad (restored when unfrozen).
-        self._freezable = {name: [(p, p.requires_grad) for p in parts[name].parameters()]
-                           for name in sorted({n for stage in config.stages for n in stage.freeze})}
         if any(stage.balance_code_frames for stage in config.stages) and not hasattr(codec.quantizer, "thresholds"):
             raise ConfigError("a stage sets balance_code_frames, but the quantizer keeps no thresholds: it needs "
                               "model.quantizer.kind: lfq with model.quantizer.balanced_thresholds: true")
-        self._norm_momentum = {m: m.momentum for name in self._freezable for m in parts[name].modules()
-                               if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        self.stage_work = StageWork(config, codec)  # freezing, norm recalibration, code thresholds (stages.py)
+
+    def configure_callbacks(self):
+        return [self.stage_work]  # installed with the module, whoever builds the Trainer
 
     # -- optimisers ---------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -168,95 +164,9 @@ class CodecTrainingModule(L.LightningModule):
             _set_rng_state(self._pending_rng)
             self._pending_rng = None
 
-    def hold_frozen_parts(self, step: int) -> None:
-        """Apply the stage's `freeze` list: frozen parts take no gradient (AdamW skips parameters whose grad
-        is None, so neither momentum nor weight decay moves them) and run in eval mode. Re-applied every
-        step because Lightning switches the whole module back to train mode after each validation."""
-        frozen = frozen_at(self.config, step)
-        for name, params in self._freezable.items():
-            for param, trainable in params:
-                param.requires_grad_(trainable and name not in frozen)
-            if name in frozen:
-                getattr(self.codec, name).eval()
-        if not frozen:
-            return
-        stage = self.config.stages[stage_index(self.config, step)]
-        if stage.norm_recalibration_steps:
-            self.recalibrate_frozen_norms(step, frozen)
-        # After the recalibration (its statistics shape the latent) and before the step that trains on the codes.
-        if stage.balance_code_frames and steps_into_stage(self.config, step) == stage.norm_recalibration_steps:
-            self.fit_code_thresholds(stage.balance_code_frames, seed=step)
-
-    def recalibrate_frozen_norms(self, step: int, frozen: frozenset[str]) -> None:
-        """Over a freezing stage's first `norm_recalibration_steps` batches, the frozen parts' BatchNorm layers
-        normalise with batch statistics and accumulate them as a plain average (momentum None); afterwards
-        they are held. The average lives in the layers' buffers (with their batch count), so a run resumed
-        during recalibration goes on with it. Under DDP each process averages its own batches; the ranks'
-        averages are then averaged, so every process holds the same statistics."""
-        n = self.config.stages[stage_index(self.config, step)].norm_recalibration_steps
-        into = steps_into_stage(self.config, step)
-        norms = [m for name in sorted(frozen) for m in getattr(self.codec, name).modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        for norm in norms:
-            if into == 0:
-                norm.reset_running_stats()
-            # None: a cumulative average over the recalibration batches; the layer's own momentum afterwards
-            norm.momentum = None if into < n else self._norm_momentum[norm]
-            if into < n:
-                norm.train()
-        if into == n and dist.is_available() and dist.is_initialized():
-            for norm in norms:
-                for stat in (norm.running_mean, norm.running_var):
-                    dist.all_reduce(stat)
-                    stat.div_(dist.get_world_size())
-
-    @torch.no_grad()
-    def fit_code_thresholds(self, frames: int, seed: int) -> None:
-        """Encode about `frames` frames of whole training recordings, as they are (no crop, level or gain
-        change: what `encode` meets at inference), with the frozen encoder, and fit the quantizer's per-prefix
-        thresholds on them. Why not the training crops: their random gains move the latent away from natural
-        levels; fitted on crops, held-out usage was 94.3-95.1% (150k-600k frames) against 95.9% on the 144k
-        frames of the recordings themselves (seed-1 encoder, docs/semantic.md day 12). Recordings are taken in a
-        seeded order, so every DDP process fits the same; rank 0's thresholds are broadcast all the same (GPU
-        kernels need not agree to the last bit). Unreadable files are skipped, as in training."""
-        codec, dataset = self.codec, getattr(self.trainer.datamodule, "train_set", None)
-        if dataset is None or not getattr(dataset, "files", None):
-            raise ConfigError("balance_code_frames: the data module has no training recordings (`train_set.files`)")
-        order = torch.randperm(len(dataset.files), generator=torch.Generator().manual_seed(seed))
-        latents, have, skipped = [], 0, 0
-        bar = tqdm(total=frames, desc="fitting code thresholds", unit="frame", leave=False,
-                   disable=self.global_rank != 0)
-        for index in order.tolist():
-            if have >= frames:
-                break
-            try:
-                wav = load_audio(dataset.files[index].path, codec.sample_rate)
-            except AudioError:
-                skipped += 1
-                continue
-            # no more than the frames still wanted, so a long last recording costs no more than it gives
-            wav = codec.pad_to_frames(wav[:, : (frames - have) * codec.frame_size].unsqueeze(0)).to(self.device)
-            with torch.autocast(self.device.type, enabled=False):  # full precision, as inference encodes
-                latent = codec._encode_latent(wav)  # [1, D, T]: what the frozen quantizer sees at inference
-            latents.append(latent[0].t().double())
-            have += latents[-1].shape[0]
-            bar.update(latents[-1].shape[0])
-        bar.close()
-        if have < 2:
-            raise ConfigError("balance_code_frames: no readable training recording to fit the code thresholds on")
-        codec.quantizer.fit_thresholds(torch.cat(latents))
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast(codec.quantizer.thresholds, src=0)
-        if self.global_rank == 0:
-            note = f" (all of them; {frames:,} asked)" if have < frames else ""
-            note += f", {skipped} unreadable file(s) skipped" if skipped else ""
-            tqdm.write(f"step {int(self.gen_step)}: code thresholds fitted on {have:,} frames of training "
-                       f"recordings{note}")
-
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         o = self.config.optim
         step = int(self.gen_step)
-        self.hold_frozen_parts(step)
         optimizers = self._as_list(self.optimizers())
         schedulers = self._as_list(self.lr_schedulers())
         opt_g = optimizers[0]
