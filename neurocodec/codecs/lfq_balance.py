@@ -7,7 +7,7 @@ codebook towards using all of its entries, beside the adapter in `quantizers.py`
 * `fit_balanced_thresholds` / `lfq_entries`: per-prefix bit thresholds, fitted once on a frozen encoder's
   frames, under which every entry gets the same share of them.
 
-How these were arrived at, with the measurements, is in docs/semantic.md.
+What they are for: docs/semantic.md; how they were arrived at, with the measurements: docs/semantic/lab_log.md.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def decorrelation_loss(values: torch.Tensor) -> torch.Tensor:
     d axes, whose entropy is the sum of the axes' entropies when they are independent; centring and
     decorrelating d axes is well estimated from a few hundred frames (a d x d matrix), so this pushes towards
     the full product space however small the batch (the covariance term of VICReg, Bardes et al. 2022, on the
-    code axes). Measurements: docs/semantic.md, "The LFQ balance terms".
+    code axes). Measurements: docs/semantic/lab_log.md, "The LFQ balance terms".
     """
     x = values.reshape(-1, values.shape[-1]).float()
     std = (x - x.mean(dim=0)).pow(2).mean(dim=0).add(1e-6).sqrt()
@@ -112,8 +112,9 @@ class CodeBalance(nn.Module):
     uniform `frequency` it is zero, so it stops pushing.
 
     The neighbours rather than the full soft distribution over all K entries: O(N d) instead of an N x K
-    matrix, and no worse in usage (docs/semantic.md, "The LFQ balance terms"). The std over the batch is detached, so the scale cannot be gamed. The value (logged) is the hard codes'
-    cross-entropy with the window plus log K.
+    matrix, and no worse in usage (docs/semantic/lab_log.md, "The LFQ balance terms"). The std over the batch is
+    detached, so the scale cannot be gamed. The value (logged) is the hard codes' cross-entropy with the window
+    plus log K.
     """
 
     def __init__(self, codebook: torch.Tensor, decay: float) -> None:

@@ -23,7 +23,7 @@ there: the library's entropy term (confident bits, distinct codes within a batch
 estimated from a few hundred frames however large the codebook (`quantizer.decorrelation_weight`).
 Pairwise independence still leaves higher-order dependence, so a third term, `lfq_balance.CodeBalance`
 (`quantizer.code_balance_weight`), flattens the code distribution seen over the last ~100 batches
-(docs/semantic.md has the measurements).
+(docs/semantic/lab_log.md has the measurements).
 `quantizer.kind: fsq` or `vq` (EMA VQ with k-means init and dead-code expiry) can still be chosen.
 
 Streaming: `encoder` is one `StreamingContainer` holding both branches and the fusion, so

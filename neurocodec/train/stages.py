@@ -82,7 +82,7 @@ class StageWork(L.Callback):
         change: what `encode` meets at inference), with the frozen encoder, and fit the quantizer's per-prefix
         thresholds on them. Why not the training crops: their random gains move the latent away from natural
         levels; fitted on crops, held-out usage was 94.3-95.1% (150k-600k frames) against 95.9% on the 144k
-        frames of the recordings themselves (seed-1 encoder, docs/semantic.md day 12). Recordings are taken in a
+        frames of the recordings themselves (seed-1 encoder, docs/semantic/lab_log.md, day 12). Recordings are taken in a
         seeded order, so every DDP process fits the same; rank 0's thresholds are broadcast all the same (GPU
         kernels need not agree to the last bit). Unreadable files are skipped, as in training."""
         codec, dataset = module.codec, getattr(module.trainer.datamodule, "train_set", None)
