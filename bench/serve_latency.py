@@ -1,15 +1,19 @@
-"""Served streams: per-frame latency of the gRPC service vs number of real-time streams, with and without
-cross-stream batching.
+"""Served streams: per-frame latency of the gRPC service vs number of real-time streams, this checkout against
+a reference server measured in the same run.
 
-For each N the server (a `neurocodec serve` subprocess with max(N, --slots) session slots, 64 by default as
-`neurocodec serve`, so idle slots are part of the measurement) gets N real-time-paced
-StreamEncode sessions from `neurocodec.serve.loadtest` in this process; per-frame latency is the time
-from sending a frame's last sample to receiving its tokens (what the service adds on top of the one-frame
-algorithmic latency). The reference is the same server stepping sessions one by one (--no-batching).
-Then the largest N with p99 <= --p99-ms and no rejected/failed stream is searched for both modes.
-The load generator shares the machine's cores with the server, as a real co-located client would.
+For each N a server (a `neurocodec serve` subprocess with max(N, --slots) session slots, 64 by default as
+`neurocodec serve`, so idle slots are part of the measurement) gets N real-time-paced StreamEncode sessions from
+`neurocodec.serve.loadtest` in this process; per-frame latency is the time from sending a frame's last sample to
+receiving its tokens (what the service adds on top of the one-frame algorithmic latency). Then the largest N with
+p99 <= --p99-ms and no rejected/failed stream is searched for both servers.
+
+The reference (--reference) is either the service as it was at a git revision (`rev:REV`, served from a
+`git archive` of that revision with this machine's packages; default: the code before batched steps became traced
+graphs) or this checkout stepping sessions one by one (`one-by-one`). The load generator shares the machine's cores
+with the server, as a real co-located client would.
 
     python bench/serve_latency.py            # the shipped default model, 1/4/16/64 streams, 5 s each
+    python bench/serve_latency.py --reference one-by-one
     python bench/serve_latency.py --quick    # tiny random model, short run: checks the script works
 """
 
@@ -22,12 +26,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import arg_parser, figure, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# The served code before its batched steps became TorchScript graphs (issue 22's "current code"); its figures on
+# 2026-12-04 were 16 real-time streams within p99 20 ms.
+DEFAULT_REFERENCE = "rev:a0fdf8f"
+
+
+def checkout(rev: str, folder: Path) -> Path:
+    """The tracked files of `rev` in `folder` (its package is imported from there: PYTHONPATH comes first)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True)
+    if archive.returncode:
+        raise SystemExit(f"--reference rev:{rev}: git archive failed ({archive.stderr.decode().strip()}); "
+                         "this needs a git checkout with that revision, or use --reference one-by-one")
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
 
 
 def free_port() -> int:
@@ -61,7 +79,9 @@ class Served:
     extra_args: list[str] = []  # passed to every server of this run (e.g. --float32)
     slots: int = 64  # session slots at least (a deployed server has more slots than active sessions)
 
-    def __init__(self, model: str, max_streams: int, batching: bool, threads: int | None) -> None:
+    def __init__(self, model: str, max_streams: int, batching: bool, threads: int | None,
+                 code: Path | None = None) -> None:
+        """`code`: a folder whose `neurocodec` package serves (a reference revision); None: this checkout."""
         self.port = free_port()
         cmd = [sys.executable, "-m", "neurocodec.cli", "serve", "--model", model, "--port", str(self.port),
                "--max-streams", str(max(max_streams, self.slots)), "--log-level", "warning", "--grace", "2", *self.extra_args]
@@ -70,9 +90,11 @@ class Served:
         if threads:
             cmd += ["--threads", str(threads)]
         self.cmd = cmd
+        self.cwd = code or ROOT
+        self.env = dict(os.environ, PYTHONPATH=str(code)) if code is not None else None
 
     def __enter__(self) -> "Served":
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stderr=subprocess.DEVNULL)
         wait_serving(self.port, self.proc)
         return self
 
@@ -88,20 +110,29 @@ class Served:
         return f"127.0.0.1:{self.port}"
 
 
-def measure(model: str, n: int, batching: bool, seconds: float, threads: int | None):
+@dataclass
+class Variant:
+    """A server to measure: this checkout or a reference (another revision's code, or no batching)."""
+
+    label: str
+    batching: bool = True
+    code: Path | None = None
+
+
+def measure(model: str, n: int, variant: Variant, seconds: float, threads: int | None):
     from neurocodec.serve.loadtest import run_load
 
-    with Served(model, n, batching, threads) as server:
+    with Served(model, n, variant.batching, threads, variant.code) as server:
         return asyncio.run(run_load(server.target, n, seconds))
 
 
-def find_max(model: str, batching: bool, seconds: float, p99_ms: float, limit: int, threads: int | None,
+def find_max(model: str, variant: Variant, seconds: float, p99_ms: float, limit: int, threads: int | None,
              known: dict[int, object]) -> int:
     """Doubling then bisection on N (a server sized for each N); reuses the runs already made."""
     def ok(n: int) -> bool:
-        r = known.get(n) or measure(model, n, batching, seconds, threads)
+        r = known.get(n) or measure(model, n, variant, seconds, threads)
         known[n] = r
-        print(f"  {'batched' if batching else 'one by one'} N={n}: p99 {r.p99_ms:.1f} ms, rejected {r.rejected}, "
+        print(f"  {variant.label} N={n}: p99 {r.p99_ms:.1f} ms, rejected {r.rejected}, "
               f"failed {r.failed} -> {'ok' if r.ok(p99_ms) else 'over'}", flush=True)
         return r.ok(p99_ms)
 
@@ -130,6 +161,9 @@ def main() -> None:
     parser.add_argument("--find-limit", type=int, default=None, help="largest N tried by the search (default 512)")
     parser.add_argument("--threads", type=int, default=None, help="server torch threads (default: torch's choice)")
     parser.add_argument("--float32", action="store_true", help="serve with a float32 encoder (faster, not exact)")
+    parser.add_argument("--reference", default=None,
+                        help=f"rev:REV (that revision's served code) or one-by-one (this checkout without batching); "
+                             f"default {DEFAULT_REFERENCE} ({{--quick}}: one-by-one)")
     args = parser.parse_args()
     if args.float32:
         Served.extra_args = ["--float32"]
@@ -150,28 +184,38 @@ def main() -> None:
     print(f"model {model}: {codec.info()['parameters']:,} parameters, {codec.frame_size} samples/frame; "
           f"{os.cpu_count()} CPUs", flush=True)
 
-    runs = {True: {}, False: {}}
+    reference_spec = args.reference or ("one-by-one" if quick else DEFAULT_REFERENCE)
+    if reference_spec == "one-by-one":
+        reference = Variant("same server, sessions stepped one by one", batching=False)
+    elif reference_spec.startswith("rev:"):
+        rev = reference_spec[4:]
+        reference = Variant(f"the served code at revision {rev}", code=checkout(rev, Path(tempfile.mkdtemp(dir=tmp.name))))
+    else:
+        raise SystemExit(f"--reference: expected rev:REV or one-by-one, got {reference_spec!r}")
+    current = Variant("this checkout")
+    print(f"reference: {reference.label}", flush=True)
+
+    runs = {"current": {}, "reference": {}}
     rows, figures = [], []
     for n in streams:
-        for batching in (True, False):
-            runs[batching][n] = measure(ckpt, n, batching, seconds, args.threads)
-        b, u = runs[True][n], runs[False][n]
-        print(f"N={n:4d}  batched p50 {b.p50_ms:7.2f} p99 {b.p99_ms:7.2f} ms (rej {b.rejected}, fail {b.failed})   "
-              f"one-by-one p50 {u.p50_ms:7.2f} p99 {u.p99_ms:7.2f} ms (rej {u.rejected}, fail {u.failed})   "
-              f"p99 ratio one-by-one/batched {u.p99_ms / b.p99_ms:5.2f}", flush=True)
-        rows.append({"streams": n, "batched": vars(b), "one_by_one": vars(u)})
+        b = runs["current"][n] = measure(ckpt, n, current, seconds, args.threads)
+        u = runs["reference"][n] = measure(ckpt, n, reference, seconds, args.threads)
+        print(f"N={n:4d}  this checkout p50 {b.p50_ms:7.2f} p99 {b.p99_ms:7.2f} ms (rej {b.rejected}, fail {b.failed})   "
+              f"reference p50 {u.p50_ms:7.2f} p99 {u.p99_ms:7.2f} ms (rej {u.rejected}, fail {u.failed})   "
+              f"p99 ratio reference/this {u.p99_ms / b.p99_ms:5.2f}", flush=True)
+        rows.append({"streams": n, "current": vars(b), "reference": vars(u)})
         for pct in ("p50", "p99"):
             figures.append(figure(f"{pct} added latency per frame, {n} streams", getattr(b, f"{pct}_ms"), "ms",
-                                  reference="same server, sessions stepped one by one",
+                                  reference=reference.label,
                                   reference_value=getattr(u, f"{pct}_ms"), higher_is_better=False,
                                   target="served_p99_latency" if pct == "p99" else None))
     best = {}
-    for batching in (True, False):
-        best[batching] = find_max(ckpt, batching, seconds, args.p99_ms, limit, args.threads, runs[batching])
-    print(f"largest N with p99 <= {args.p99_ms:g} ms: batched {best[True]}, one by one {best[False]} "
-          f"(ratio {best[True] / max(best[False], 1):.2f})", flush=True)
-    figures.append(figure(f"real-time streams with p99 <= {args.p99_ms:g} ms", best[True], "streams",
-                          reference="same server, sessions stepped one by one", reference_value=best[False] or None,
+    for key, variant in (("current", current), ("reference", reference)):
+        best[key] = find_max(ckpt, variant, seconds, args.p99_ms, limit, args.threads, runs[key])
+    print(f"largest N with p99 <= {args.p99_ms:g} ms: this checkout {best['current']}, reference {best['reference']} "
+          f"(ratio {best['current'] / max(best['reference'], 1):.2f})", flush=True)
+    figures.append(figure(f"real-time streams with p99 <= {args.p99_ms:g} ms", best["current"], "streams",
+                          reference=reference.label, reference_value=best["reference"] or None,
                           target="served_streams"))
     write_result("serve_latency_float32" if args.float32 else "serve_latency", {
         "title": "Served streams: per-frame latency vs concurrent real-time streams (gRPC, loopback)",
@@ -179,7 +223,8 @@ def main() -> None:
         "params": {"model": model, "encoder": "float32" if args.float32 else "float64 (exact)", "streams": streams, "seconds_per_stream": seconds, "p99_target_ms": args.p99_ms,
                    "chunk_ms": 20, "server_threads": args.threads, "find_limit": limit, "server_slots_at_least": args.slots},
         "rows": rows,
-        "max_streams": {"batched": best[True], "one_by_one": best[False]},
+        "reference": reference_spec,
+        "max_streams": best,
         "notes": "Latency = tokens received - frame's last sample sent (excludes the 20 ms algorithmic frame). "
                  "Load generator runs on the same cores as the server.",
     }, quick=quick)

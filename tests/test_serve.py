@@ -183,13 +183,13 @@ def test_a_lone_session_costs_one_slot_not_all(server_a, codec, clips, monkeypat
     worker = server_a.server.servicer.models[MODEL].worker
     batch_sizes = {"encode": [], "decode": []}
     for kind in batch_sizes:
-        step = getattr(worker.codec, f"{kind}_step")
+        step = worker.selected_steps[kind]
 
-        def spy(x, step=step, seen=batch_sizes[kind]):
+        def spy(x, slots, step=step, seen=batch_sizes[kind]):
             seen.append(x.shape[0])
-            return step(x)
+            return step(x, slots)
 
-        monkeypatch.setattr(worker.codec, f"{kind}_step", spy)
+        monkeypatch.setitem(worker.selected_steps, kind, spy)
     with client_a(server_a) as client:
         codes = stacked(list(client.stream_encode(chunked(clips[2], 20), sample_rate=SR)))
         audio = np.concatenate(list(client.stream_decode([codes], num_codebooks=4)))
@@ -470,10 +470,10 @@ def test_a_dead_worker_turns_the_server_not_serving_and_refuses_new_sessions(cod
     srv.start()
     worker = srv.server.servicer.models[MODEL].worker
 
-    def broken_step(frames):
+    def broken_step(frames, slots):
         raise RuntimeError("simulated model failure")
 
-    worker.codec.encode_step = broken_step  # the worker's own codec: the next encode step kills the thread
+    worker.selected_steps["encode"] = broken_step  # the worker's own batched step: the next one kills the thread
     channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
     health = health_pb2_grpc.HealthStub(channel)
     check = lambda: health.Check(health_pb2.HealthCheckRequest(service="neurocodec.v1.Codec")).status  # noqa: E731

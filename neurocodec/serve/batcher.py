@@ -4,10 +4,11 @@ One codec instance serves every session of a model. Its encoder and decoder stay
 `streaming(max_streams)` contexts for the server's lifetime; each session owns one batch slot of that
 state. A single worker thread repeatedly takes every session that has a whole frame buffered (and room
 in its output queue), stacks their frames into one `[ready, 1, frame_size]` batch and runs ONE
-`encode_step` on just those slots (`select_sessions`); likewise one `decode_step` per distinct codebook
-count among ready decode sessions. A step costs what its ready sessions cost, not `max_streams` of them;
-idle slots keep their state untouched, a new session's slot is `reset_streaming`-ed before its first
-step, and a session's output goes back to its event loop through `call_soon_threadsafe`.
+`encode_step` on just those slots (`select_sessions`, as one traced graph: codecs/traced_steps.py); likewise
+one `decode_step` per distinct codebook count among ready decode sessions. A step costs what its ready
+sessions cost, not `max_streams` of them; idle slots keep their state untouched, a new session's slot is
+`reset_streaming`-ed before its first step, and a step's outputs go back to the sessions' event loop in one
+`call_soon_threadsafe`.
 
 The batch grows with the load by itself: while a step runs, the frames of other sessions arrive, and
 the next step takes them all (continuous batching; no timer waits for a batch to fill).
@@ -31,9 +32,16 @@ import grpc
 import numpy as np
 import torch
 
+from ..codecs.traced_steps import SelectedStep
 from .wire import ServeError
 
 END = object()  # queued after a session's last output
+
+
+def _deliver_all(items: list) -> None:
+    """On a session's event loop: hand each (session, output) of a step to its session."""
+    for session, item in items:
+        session._deliver(item)
 
 
 @dataclass
@@ -69,7 +77,7 @@ class Worker:
     """Owns one codec's streaming state for `max_streams` encode and `max_streams` decode sessions."""
 
     def __init__(self, codec, max_streams: int, batching: bool = True, max_outstanding: int = 250,
-                 max_frames_per_step: int = 8) -> None:
+                 max_frames_per_step: int = 8, traced_steps: bool = True) -> None:
         self.codec = codec
         self.max_streams = max_streams
         self.batching = batching
@@ -83,6 +91,8 @@ class Worker:
         self.slots = {"encode": [None] * max_streams, "decode": [None] * max_streams}
         self.to_reset = {"encode": set(), "decode": set()}
         self.modules = {"encode": codec.encoder, "decode": codec.decoder}
+        # Batched steps of the selected sessions, each one TorchScript call (codecs/traced_steps.py says why).
+        self.selected_steps = {kind: SelectedStep(codec, kind, traced=traced_steps) for kind in self.modules}
         self.steps = {"encode": 0, "decode": 0}
         self.frames = {"encode": 0, "decode": 0}
         self._stop = False
@@ -110,6 +120,11 @@ class Worker:
             for _ in range(3):
                 codes = self.codec.encode_step(torch.zeros(batch, 1, self.frame_size))
                 self.codec.decode_step(codes)
+            if self.batching:  # trace the one-frame steps now, not while serving (see _batched)
+                slots = torch.arange(min(2, batch))
+                codes = self.selected_steps["encode"](torch.zeros(len(slots), 1, self.frame_size), slots)
+                for k in self.codec.allowed_num_codebooks():
+                    self.selected_steps["decode"](codes[:, :k], slots)
             for module in self.modules.values():
                 module.reset_streaming()
 
@@ -234,7 +249,7 @@ class Worker:
 
         Every ready session advances by the same number of frames: one in the steady state, more when all
         of them have fallen behind (up to `max_frames_per_step`), so a saturated worker catches up with
-        fewer, longer steps instead of paying the fixed per-step cost once per 20 ms frame.
+        fewer rounds of bookkeeping and deliveries (the model still runs one frame per call: `_frame_by_frame`).
         """
         with self.lock:
             resets = sorted(self.to_reset[kind])
@@ -267,31 +282,41 @@ class Worker:
             outputs = [self._single(kind, s, item) for s, item in ready]
         self.steps[kind] += 1
         self.frames[kind] += len(ready) * frames
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for (s, _), out in zip(ready, outputs):
             for t in range(frames):  # one output per frame: [K] codes or [frame_size] audio (own copies)
                 one = out[:, t] if kind == "encode" else out[t * self.frame_size:(t + 1) * self.frame_size]
-                s.loop.call_soon_threadsafe(s._deliver, (s.next_index, one.copy()))
+                by_loop.setdefault(s.loop, []).append((s, (s.next_index, one.copy())))
                 s.next_index += 1
+        for loop, items in by_loop.items():  # one wake-up of each event loop per step, not one per frame
+            loop.call_soon_threadsafe(_deliver_all, items)
         return True
 
     def _batched(self, kind: str, ready: list) -> list[np.ndarray]:
         """Encode: codes [K_session, frames] per session; decode: audio [frames * frame_size] per session."""
-        module = self.modules[kind]
         if kind == "encode":
             x = torch.from_numpy(np.stack([item for _, item in ready])).unsqueeze(1)  # [ready, 1, samples]
-            with module.select_sessions(self._slots(ready)):
-                codes = self.codec.encode_step(x).numpy()  # [ready, K, frames]
+            codes = self._frame_by_frame(kind, x, self._slots(ready)).numpy()  # [ready, K, frames]
             return [codes[i, : s.num_codebooks] for i, (s, _) in enumerate(ready)]
         # decode: sessions may use different codebook counts -> one step per count
         results: dict[int, np.ndarray] = {}
         for k in sorted({s.num_codebooks for s, _ in ready}):
             group = [(s, item) for s, item in ready if s.num_codebooks == k]
             codes = torch.from_numpy(np.stack([item for _, item in group]))  # [group, k, frames]
-            with module.select_sessions(self._slots(group)):
-                wav = self.codec.decode_step(codes)[:, 0].numpy()  # [group, frames * frame_size]
+            wav = self._frame_by_frame(kind, codes, self._slots(group))[:, 0].numpy()  # [group, frames * frame_size]
             for i, (s, _) in enumerate(group):
                 results[id(s)] = wav[i]
         return [results[id(s)] for s, _ in ready]
+
+    def _frame_by_frame(self, kind: str, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """A step of several frames as one-frame steps: each traced graph holds one input shape, and one frame
+        per call keeps the worker to the graphs traced at start-up (a catch-up step is a few calls in a row)."""
+        step = self.selected_steps[kind]
+        frame = self.frame_size if kind == "encode" else 1
+        frames = x.shape[-1] // frame
+        if frames == 1:
+            return step(x, slots)
+        return torch.cat([step(x[..., t * frame:(t + 1) * frame], slots) for t in range(frames)], dim=-1)
 
     @staticmethod
     def _slots(ready: list) -> torch.Tensor:

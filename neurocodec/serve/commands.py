@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-streams", type=int, default=64, help="session slots per model and direction (default 64)")
     p.add_argument("--no-batching", action="store_true",
                    help="step sessions one by one instead of in one batched call (for comparison benchmarks)")
+    p.add_argument("--eager-steps", action="store_true",
+                   help="run batched steps operator by operator instead of as traced graphs (for comparison)")
     p.add_argument("--float32", action="store_true",
                    help="run the encoder in float32: several times faster on CPU, but a token may then differ from "
                         "`neurocodec encode` where two code vectors are within rounding of each other")
@@ -95,7 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             max_streams=args.max_streams, batching=not args.no_batching, auth_token=args.auth_token,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=args.max_message_bytes,
                             idle_timeout_s=args.idle_timeout, max_session_s=args.max_session, grace_s=args.grace,
-                            torch_threads=args.threads, exact_encoding=not args.float32)
+                            torch_threads=args.threads, exact_encoding=not args.float32,
+                            traced_steps=not args.eager_steps)
     try:
         asyncio.run(serve_forever(options))
     except OSError as err:

@@ -12,6 +12,7 @@ somebody else's server by accident.
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import socket
 import time
@@ -95,6 +96,7 @@ async def _one_stream(client: AsyncCodecClient, loop_audio: np.ndarray, total: i
 async def run_load(target: str, streams: int, seconds: float, chunk_ms: float = 20.0, model: str = "",
                    token: str | None = None, tls_root: str | None = None, ramp_s: float = 0.5) -> LoadResult:
     check_loopback(target)
+    gc.freeze()  # what exists now outlives the run: keep full collections (stalls of every stream) short
     result = LoadResult(streams=streams, seconds=seconds, chunk_ms=chunk_ms)
     client = AsyncCodecClient(target, token=token, tls_root=tls_root)
     try:
