@@ -29,6 +29,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from ..errors import UserError
+from . import more_voices as more_voices_module
 from .manifest import Utterance, read_manifest, write_manifest
 
 SAMPLE_RATE = 16000
@@ -186,9 +187,11 @@ def _split_for(voice: Voice, key: str, test_language: str) -> str:
 # -- the corpus --------------------------------------------------------------------------------------------
 def build_corpus(out_dir: str | Path, languages: list[str] | None = None, test_language: str | None = TEST_LANGUAGE,
                  sounds_dir: str | Path = SOUNDS_DIR, moh_dir: str | Path = MOH_DIR, install: bool = True,
-                 music: bool = True, progress: bool = True) -> dict:
+                 music: bool = True, progress: bool = True, more_voices: bool = False) -> dict:
     """Decode the prompts (and music) to FLAC under `out_dir` and write the manifests. Returns a summary.
 
+    `more_voices`: add the other real voices of Debian's packages (data/more_voices.py), with two more speakers
+    held out. Each held-out speaker also gets its own manifest, `test_<speaker>.jsonl`.
     Files already decoded (from an earlier run) are kept, so an interrupted build resumes.
     """
     languages = languages or [v.language for v in VOICES]
@@ -203,6 +206,8 @@ def build_corpus(out_dir: str | Path, languages: list[str] | None = None, test_l
         packages = [v.package for v in voices if _voice_dir(v, sounds_dir) is None]
         if music and not moh_dir.is_dir():
             packages.append(MOH_PACKAGE)
+        if more_voices:
+            packages += more_voices_module.PACKAGES
         ensure_packages(packages)
 
     jobs = []  # (voice or None for music, key, source, destination)
@@ -245,12 +250,20 @@ def build_corpus(out_dir: str | Path, languages: list[str] | None = None, test_l
             sample_rate=SAMPLE_RATE, channels=1, text=transcripts[voice.language].get(key),
             speaker=voice.speaker, language=voice.language, split=_split_for(voice, key, test_language)))
 
+    attribution = ATTRIBUTION
+    if more_voices:
+        more, more_failed = more_voices_module.build_more_voices(out_dir, progress=progress)
+        speech += more
+        failed += more_failed
+        attribution += "\n" + more_voices_module.ATTRIBUTION
     write_manifest(out_dir / "manifest.jsonl", speech)
     for split in ("train", "valid", "test"):
         write_manifest(out_dir / f"{split}.jsonl", [u for u in speech if u.split == split])
+    for speaker in sorted({u.speaker for u in speech if u.split == "test"}):
+        write_manifest(out_dir / f"test_{speaker}.jsonl", [u for u in speech if u.split == "test" and u.speaker == speaker])
     if music:
         write_manifest(out_dir / "music.jsonl", songs)
-    (out_dir / "ATTRIBUTION.txt").write_text(ATTRIBUTION, encoding="utf-8")
+    (out_dir / "ATTRIBUTION.txt").write_text(attribution, encoding="utf-8")
     return summarize(speech, songs, failed)
 
 
