@@ -68,15 +68,40 @@ def test_serve_stream_and_export_with_the_default_model(speech_wav, tmp_path):
     assert len(rows) == 1 and np.array_equal(np.asarray(rows[0]["codes"]), served)
 
 
-def _ship_script():
+def _script(name: str = "ship_default_model"):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "ship_default_model.py"
-    spec = importlib.util.spec_from_file_location("ship_default_model", path)
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_heldout_speakers_table_scores_each_speaker_against_opus(tmp_path, monkeypatch):
+    """scripts/heldout_speakers.py: one eval per test_<speaker>.jsonl; the table's paired difference is the mean of
+    the clip-by-clip differences in the eval's own JSON."""
+    import json
+    from pathlib import Path
+
+    from neurocodec.data.manifest import read_manifest, write_manifest
+
+    demo = read_manifest(Path(__file__).resolve().parent.parent / "data" / "demo" / "manifest.jsonl")
+    corpus = tmp_path / "corpus"
+    for speaker in ("june_wallack", "carlo_flora"):
+        write_manifest(corpus / f"test_{speaker}.jsonl", [u for u in demo if u.speaker == speaker][:2])
+    script = _script("heldout_speakers")
+    monkeypatch.setattr(sys, "argv", ["heldout_speakers.py", "--model", "grvq_4cb:tiny", "--corpus", str(corpus),
+                                      "--max-clips", "2", "--out", str(tmp_path / "out")])
+    assert script.main() == 0
+    text = (tmp_path / "out" / "heldout_speakers.md").read_text()
+    for speaker in ("june_wallack", "carlo_flora"):
+        payload = json.loads((tmp_path / "out" / "heldout" / f"{speaker}.json").read_text())
+        diffs = [c["systems"]["ours K=4"]["pesq"] - c["systems"]["Opus 6 kbps"]["pesq"] for c in payload["clips"]]
+        assert len(diffs) == 2
+        row = next(line for line in text.splitlines() if line.startswith(f"| {speaker} |"))
+        assert f"{sum(diffs) / 2:+.3f}" in row and row.endswith("| not met |")  # an untrained model is far below Opus
 
 
 def test_training_curve_follows_the_lineage_of_a_fine_tuned_run(tmp_path):
@@ -93,7 +118,7 @@ def test_training_curve_follows_the_lineage_of_a_fine_tuned_run(tmp_path):
         "49,50,0.30,,,\n"
         "499,,,1.12,0.72,0.9\n"
         "999,,,1.15,0.74,0.92\n")
-    ship = _ship_script()
+    ship = _script()
     curve, marks = ship.lineage_curve(tmp_path / "run", history, steps_before=1000)
     # validation after 500 steps is logged at Lightning's step 499: the curve says 500
     assert curve["valid/pesq"] == {500.0: 1.05, 1000.0: 1.10, 1500.0: 1.12, 2000.0: 1.15}
