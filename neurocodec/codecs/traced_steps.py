@@ -16,7 +16,9 @@ kernels in the same order, so its results are bitwise those of eager PyTorch (fl
 what keeps served codes equal to offline `encode`), and it holds no GIL while it runs.
 
 Graphs are traced per input shape (frames per step, and for decoding the number of codebooks), the first time a
-shape is met, from a private copy of the codec: tracing never touches the served sessions' states. Each graph is
+shape is met, from a private copy of the codec made at the first trace: tracing never touches the served sessions'
+states, and weights or settings (e.g. `set_exact_encoding`) changed after it are not seen (a served codec's are
+fixed). The encode and decode steps each keep their own copy: twice the codec's weights in memory. Each graph is
 checked against eager steps on that copy before use; a graph that differs (a layer whose step depends on Python
 values the tracer cannot follow) is not used, and that shape keeps running eagerly.
 
