@@ -41,7 +41,8 @@ from .wire import (ServeError, audio_to_bytes, bytes_to_audio, check_channels, c
 SERVICE = pb.DESCRIPTOR.services_by_name["Codec"].full_name  # "neurocodec.v1.Codec"
 log = logging.getLogger("neurocodec.serve")
 # How long the event loop may hold the GIL while the model worker waits for it (Python's default: 5 ms). The worker
-# takes the GIL back after each step; waiting up to 5 ms for it each time is a quarter of a 20 ms frame.
+# takes the GIL back after each step; waiting up to 5 ms for it each time is a quarter of a 20 ms frame. The setting is
+# process-wide: a server embedded in another program (ServerThread) changes it for that program too.
 SWITCH_INTERVAL_S = 0.0005
 
 
