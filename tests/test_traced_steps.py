@@ -34,6 +34,8 @@ def _run(codec, kind: str, traced: bool, inputs: list, schedule: list) -> list[t
                 module.reset_streaming(torch.from_numpy(reset))
             outputs.append(step(x, slots))
         outputs.append(torch.cat([s.flatten().double() for s in _states(module)]))
+    if traced:  # the graphs ran, not the eager fallback of a graph that failed its check
+        assert all(step.graph_for(x) is not None for x in inputs)
     return outputs
 
 
