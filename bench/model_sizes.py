@@ -17,14 +17,13 @@ does not depend on them). The reference of every ratio is the shipped size (chan
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from codec_speed import demo_audio  # noqa: E402
-from common import arg_parser, figure, write_result  # noqa: E402
+from common import arg_parser, figure, timed, write_result  # noqa: E402
 
 from neurocodec.codecs.checkpoint import build_codec  # noqa: E402
 from neurocodec.codecs.traced_steps import SelectedStep  # noqa: E402
@@ -41,20 +40,11 @@ def make(channels: int, dimension: int, preset: str | None = "tiny"):
     return codec
 
 
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 @torch.no_grad()
 def measure(codec, audio: torch.Tensor, repeats: int, steps: int) -> dict:
     seconds = audio.shape[-1] / codec.sample_rate
     codec.decode(codec.encode(audio))  # warm-up
-    offline = seconds / median_seconds(lambda: codec.decode(codec.encode(audio)), repeats)
+    offline = seconds / timed(lambda: codec.decode(codec.encode(audio)), repeats)
     per_frame = {}
     step = SelectedStep(codec, "encode")
     with codec.encoder.streaming(64):
@@ -62,7 +52,7 @@ def measure(codec, audio: torch.Tensor, repeats: int, steps: int) -> dict:
             x, slots = 0.1 * torch.randn(batch, 1, codec.frame_size), torch.arange(batch)
             for _ in range(3):
                 step(x, slots)
-            per_frame[batch] = 1000 * median_seconds(lambda: [step(x, slots) for _ in range(steps)], repeats) / (steps * batch)
+            per_frame[batch] = 1000 * timed(lambda: [step(x, slots) for _ in range(steps)], repeats) / (steps * batch)
     return {"parameters": sum(p.numel() for p in codec.parameters()), "offline_x_real_time": offline,
             "served_ms_per_frame_b8": per_frame[8], "served_ms_per_frame_b32": per_frame[32]}
 
