@@ -7,7 +7,6 @@ import importlib.util
 import json
 import lzma
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 
 from neurocodec.cli import main as neurocodec
 from neurocodec.data import debian
-from neurocodec.data.manifest import read_manifest
+from neurocodec.data.manifest import read_manifest, train_or_valid
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,8 +40,7 @@ def _g722(path: Path, seconds: float, seed: int) -> None:
 
 def _keys(split: str, count: int) -> list[str]:
     """Prompt names that debian's hash rule puts in `split` for a training voice."""
-    out = [f"p{i}" for i in range(2000)
-           if (zlib.crc32(f"p{i}".encode()) % debian.VALID_EVERY == 0) == (split == "valid")]
+    out = [f"p{i}" for i in range(2000) if train_or_valid(f"p{i}") == split]
     return out[:count]
 
 

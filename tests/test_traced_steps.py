@@ -32,10 +32,13 @@ def _run(codec, kind: str, traced: bool, inputs: list, schedule: list) -> list[t
         for x, (slots, reset) in zip(inputs, schedule):
             if reset is not None:
                 module.reset_streaming(torch.from_numpy(reset))
-            outputs.append(step(x, slots))
+            # A traced step runs a multi-frame input as one-frame calls; the eager reference does the same, so that
+            # both compute the same operations (a 3-frame convolution may round differently from three 1-frame ones).
+            frames = [x[..., t:t + step.frame] for t in range(0, x.shape[-1], step.frame)]
+            outputs.append(torch.cat([step(f, slots) for f in frames], dim=-1) if not traced else step(x, slots))
         outputs.append(torch.cat([s.flatten().double() for s in _states(module)]))
     if traced:  # the graphs ran, not the eager fallback of a graph that failed its check
-        assert all(step.graph_for(x) is not None for x in inputs)
+        assert all(step.graph_for(x[..., :step.frame]) is not None for x in inputs)
     return outputs
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import CodesError, UserError
-from .streaming import SampleCounter, StreamingModule
+from .streaming import StreamingModule, step_state_fields
 
 ENCODE_GRAPH = "encode_step.onnx"
 DECODE_GRAPH = "decode_step.onnx"
@@ -55,14 +55,9 @@ def _integer_and(g, a, b):
 
 
 def _state_slots(codec: nn.Module) -> list[tuple[str, StreamingModule, str]]:
-    """(name, module, field) of every state tensor of an open streaming context, in a fixed order. The sample
-    counter is left out: it only serves `encode_flush` of a partial frame, and the runner takes whole steps."""
-    slots = []
-    for module_name, module in codec.named_modules():
-        if isinstance(module, StreamingModule) and not isinstance(module, SampleCounter) and module._streaming_state is not None:
-            for field in module._streaming_state.tensor_fields():
-                slots.append((f"{module_name or 'codec'}.{field}", module, field))
-    return slots
+    """(graph input name, module, field) of every state tensor of an open streaming context (see
+    `step_state_fields`; the runner takes whole steps)."""
+    return [(f"{name or 'codec'}.{field}", module, field) for name, module, field in step_state_fields(codec)]
 
 
 class _Step(nn.Module):

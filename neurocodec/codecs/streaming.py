@@ -226,6 +226,15 @@ class SampleCounter(StreamingModule):
         return self._streaming_state.samples
 
 
+def step_state_fields(root: nn.Module) -> list[tuple[str, StreamingModule, str]]:
+    """(module name under `root`, layer, field) of every state tensor of an open streaming context, in a fixed order:
+    what a whole-frame step reads and writes (exported ONNX graphs, traced served steps). The sample counter is left
+    out: it only serves `encode_flush` of a partial frame."""
+    return [(name, m, f) for name, m in root.named_modules()
+            if isinstance(m, StreamingModule) and not isinstance(m, SampleCounter) and m._streaming_state is not None
+            for f in m._streaming_state.tensor_fields()]
+
+
 @dataclass
 class _ConvState(StreamingState):
     previous: torch.Tensor  # [B, C, L]: input samples not yet consumed by a full window

@@ -15,8 +15,8 @@ calls, so a worker that has to win the GIL back hundreds of times per step waits
 kernels in the same order, so its results are bitwise those of eager PyTorch (float64 encoders included, which is
 what keeps served codes equal to offline `encode`), and it holds no GIL while it runs.
 
-Graphs are traced per input shape (frames per step, and for decoding the number of codebooks), the first time a
-shape is met, from a private copy of the codec made at the first trace: tracing never touches the served sessions'
+Graphs are traced per input shape (one frame; for decoding, each number of codebooks: a step of several frames
+runs as one-frame calls in a row), the first time a shape is met, from a private copy of the codec made at the first trace: tracing never touches the served sessions'
 states, and weights or settings (e.g. `set_exact_encoding`) changed after it are not seen (a served codec's are
 fixed). The encode and decode steps each keep their own copy: twice the codec's weights in memory. Each graph is
 checked against eager steps on that copy before use; a graph that differs (a layer whose step depends on Python
@@ -36,7 +36,7 @@ import warnings
 import torch
 from torch import nn
 
-from .streaming import SampleCounter, StreamingModule
+from .streaming import StreamingModule, step_state_fields
 
 log = logging.getLogger("neurocodec.serve")
 
@@ -45,11 +45,8 @@ _PROBE_SLOTS = (0, 2)  # a selection that is neither all sessions nor a prefix
 
 
 def _state_fields(module: nn.Module) -> list[tuple[str, str]]:
-    """(module name, field) of every state tensor under an open streaming context, in a fixed order. The sample
-    counter is left out: it only serves `encode_flush`, and selected steps take whole frames."""
-    return [(name, f) for name, m in module.named_modules()
-            if isinstance(m, StreamingModule) and not isinstance(m, SampleCounter) and m._streaming_state is not None
-            for f in m._streaming_state.tensor_fields()]
+    """(module name, field) of every state tensor a whole-frame step carries (`step_state_fields`)."""
+    return [(name, field) for name, _, field in step_state_fields(module)]
 
 
 class _GatherStepScatter(nn.Module):
@@ -78,11 +75,15 @@ class SelectedStep:
             raise ValueError(f"kind must be 'encode' or 'decode', not {kind!r}")
         self.codec, self.kind, self.traced = codec, kind, traced
         self.module = codec.encoder if kind == "encode" else codec.decoder
+        self.frame = codec.frame_size if kind == "encode" else 1  # one frame of input: samples or code frames
         self._private: nn.Module | None = None  # the copy graphs are traced from
         self._targets: list[tuple[nn.Module, str]] | None = None  # (layer, state field) of the served module
         self._graphs: dict[tuple, torch.jit.ScriptModule | None] = {}  # None: that shape runs eagerly
 
     def __call__(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        if self.traced and x.shape[-1] > self.frame and x.shape[-1] % self.frame == 0:
+            # Several whole frames: one-frame graphs in a row, so that one graph serves every step length.
+            return torch.cat([self(x[..., t:t + self.frame], slots) for t in range(0, x.shape[-1], self.frame)], dim=-1)
         graph = self.graph_for(x) if self.traced else None
         if graph is None:
             with self.module.select_sessions(slots):

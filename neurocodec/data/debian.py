@@ -19,7 +19,6 @@ import re
 import shutil
 import subprocess
 import sys
-import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from . import more_voices as more_voices_module
-from .manifest import Utterance, read_manifest, write_manifest
+from .manifest import Utterance, read_manifest, train_or_valid, write_manifest
 
 SAMPLE_RATE = 16000
 G722_BITRATE = 64000  # the Asterisk files are 64 kbit/s G.722 (8000 bytes per second of audio)
@@ -66,7 +65,6 @@ DOC_DIR = Path("/usr/share/doc")
 
 # Prompts that are not speech: tone files and the `silence/` folder.
 NON_SPEECH = {"beep", "beeperr", "ascending-2tone", "descending-2tone"}
-VALID_EVERY = 20  # about 1 in 20 prompts of each training voice goes to `valid` (chosen by a hash of its name)
 
 ATTRIBUTION = """\
 Speech: the Asterisk core sound prompts, as packaged by Debian (asterisk-core-sounds-<lang>-g722,
@@ -181,7 +179,7 @@ def _is_speech(key: str) -> bool:
 def _split_for(voice: Voice, key: str, test_language: str) -> str:
     if voice.language == test_language:
         return "test"
-    return "valid" if zlib.crc32(key.encode()) % VALID_EVERY == 0 else "train"
+    return train_or_valid(key)
 
 
 # -- the corpus --------------------------------------------------------------------------------------------

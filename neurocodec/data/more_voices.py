@@ -23,7 +23,6 @@ silence between items; a clip's text lists its items. Everything is resampled to
 from __future__ import annotations
 
 import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +31,11 @@ import soundfile as sf
 from tqdm import tqdm
 
 from ..audio import load_audio
-from .manifest import Utterance
+from .manifest import Utterance, train_or_valid
 
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 4.0  # joined clips of isolated items
 GAP_SECONDS = 0.12
-VALID_EVERY = 20  # as the Asterisk corpus: ~1 in 20 training clips to `valid`, by a hash of its id
 HELD_OUT = ("fillets_cs_m", "gcin_3")
 
 FILLETS_DIR = Path("/usr/share/games/fillets-ng")
@@ -123,7 +121,7 @@ def join_items(waves: list[np.ndarray], gap: int) -> np.ndarray:
 def _split(speaker: str, clip_id: str, held_out: tuple[str, ...]) -> str:
     if speaker in held_out:
         return "test"
-    return "valid" if zlib.crc32(clip_id.encode()) % VALID_EVERY == 0 else "train"
+    return train_or_valid(clip_id)
 
 
 def _write_flac(dst: Path, wave: np.ndarray) -> None:

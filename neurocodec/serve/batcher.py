@@ -120,7 +120,7 @@ class Worker:
             for _ in range(3):
                 codes = self.codec.encode_step(torch.zeros(batch, 1, self.frame_size))
                 self.codec.decode_step(codes)
-            if self.batching:  # trace the one-frame steps now, not while serving (see _batched)
+            if self.batching:  # trace the one-frame steps now, not while serving (longer steps reuse them)
                 slots = torch.arange(min(2, batch))
                 codes = self.selected_steps["encode"](torch.zeros(len(slots), 1, self.frame_size), slots)
                 for k in self.codec.allowed_num_codebooks():
@@ -249,7 +249,7 @@ class Worker:
 
         Every ready session advances by the same number of frames: one in the steady state, more when all
         of them have fallen behind (up to `max_frames_per_step`), so a saturated worker catches up with
-        fewer rounds of bookkeeping and deliveries (the model still runs one frame per call: `_frame_by_frame`).
+        fewer rounds of bookkeeping and deliveries (a traced step still runs one frame per call: traced_steps.py).
         """
         with self.lock:
             resets = sorted(self.to_reset[kind])
@@ -296,27 +296,17 @@ class Worker:
         """Encode: codes [K_session, frames] per session; decode: audio [frames * frame_size] per session."""
         if kind == "encode":
             x = torch.from_numpy(np.stack([item for _, item in ready])).unsqueeze(1)  # [ready, 1, samples]
-            codes = self._frame_by_frame(kind, x, self._slots(ready)).numpy()  # [ready, K, frames]
+            codes = self.selected_steps[kind](x, self._slots(ready)).numpy()  # [ready, K, frames]
             return [codes[i, : s.num_codebooks] for i, (s, _) in enumerate(ready)]
         # decode: sessions may use different codebook counts -> one step per count
         results: dict[int, np.ndarray] = {}
         for k in sorted({s.num_codebooks for s, _ in ready}):
             group = [(s, item) for s, item in ready if s.num_codebooks == k]
             codes = torch.from_numpy(np.stack([item for _, item in group]))  # [group, k, frames]
-            wav = self._frame_by_frame(kind, codes, self._slots(group))[:, 0].numpy()  # [group, frames * frame_size]
+            wav = self.selected_steps[kind](codes, self._slots(group))[:, 0].numpy()  # [group, frames * frame_size]
             for i, (s, _) in enumerate(group):
                 results[id(s)] = wav[i]
         return [results[id(s)] for s, _ in ready]
-
-    def _frame_by_frame(self, kind: str, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """A step of several frames as one-frame steps: each traced graph holds one input shape, and one frame
-        per call keeps the worker to the graphs traced at start-up (a catch-up step is a few calls in a row)."""
-        step = self.selected_steps[kind]
-        frame = self.frame_size if kind == "encode" else 1
-        frames = x.shape[-1] // frame
-        if frames == 1:
-            return step(x, slots)
-        return torch.cat([step(x[..., t * frame:(t + 1) * frame], slots) for t in range(frames)], dim=-1)
 
     @staticmethod
     def _slots(ready: list) -> torch.Tensor:
