@@ -133,7 +133,8 @@ def find_max(model: str, variant: Variant, seconds: float, p99_ms: float, limit:
         r = known.get(n) or measure(model, n, variant, seconds, threads)
         known[n] = r
         print(f"  {variant.label} N={n}: p99 {r.p99_ms:.1f} ms, rejected {r.rejected}, "
-              f"failed {r.failed} -> {'ok' if r.ok(p99_ms) else 'over'}", flush=True)
+              f"failed {r.failed} -> {'ok' if r.ok(p99_ms) else 'over'}"
+              + (f" (first errors: {r.errors[:2]})" if r.errors else ""), flush=True)
         return r.ok(p99_ms)
 
     good, bad, n = 0, None, 1

@@ -40,6 +40,25 @@ def test_conv1d_streaming_equals_offline(kernel, stride, dilation):
             torch.testing.assert_close(streamed, offline, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_float64_conv1d_is_the_convolution_and_streams_exactly(bias):
+    """Float64 strided or short convolutions run as one matrix product (StreamingConv1d._convolve): they must be
+    aten's convolution to float64 rounding, offline and for every chunking."""
+    combos = [(k, s, d) for k, s, d in itertools.product([1, 3, 4, 7, 10, 16], [1, 2, 3, 5, 8], [1, 2]) if (k - 1) * d + 1 >= s]
+    for kernel, stride, dilation in combos:
+        torch.manual_seed(kernel * 100 + stride * 10 + dilation)
+        conv = StreamingConv1d(3, 5, kernel, stride=stride, dilation=dilation, bias=bias).eval().double()
+        for length in (stride * 7 + 2, (kernel - 1) * dilation + 1):  # many outputs; exactly one output
+            x = torch.randn(3, 3, length, dtype=torch.float64)
+            with torch.no_grad():
+                offline = conv(x)
+                padded = torch.nn.functional.pad(x, ((kernel - 1) * dilation + 1 - stride, 0))
+                reference = torch.nn.functional.conv1d(padded, conv.conv.weight, conv.conv.bias, stride=stride, dilation=dilation)
+                torch.testing.assert_close(offline, reference, atol=1e-12, rtol=0)
+                for sizes in CHUNKINGS:
+                    torch.testing.assert_close(run_chunked(conv, x, sizes), offline, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("kernel,stride", [(k, s) for k, s in itertools.product([1, 2, 4, 6, 9, 16], [1, 2, 3, 4, 8]) if k >= s])
 def test_conv_transpose_streaming_equals_offline(kernel, stride):
     torch.manual_seed(kernel * 10 + stride)

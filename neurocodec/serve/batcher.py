@@ -184,10 +184,13 @@ class Worker:
         self.wake.set()
 
     def taken(self, session: Session, n: int) -> None:
-        """The handler took n outputs from the queue: room for more."""
+        """The handler took n outputs from the queue: room for more. The worker is woken only when the session had
+        no room left (it was being skipped); otherwise every response sent would make the worker scan the slots."""
         with self.lock:
+            was_full = session.outstanding >= session.max_outstanding
             session.outstanding -= n
-        self.wake.set()
+        if was_full:
+            self.wake.set()
 
     def buffered(self, session: Session) -> int:
         with self.lock:

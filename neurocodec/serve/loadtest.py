@@ -104,14 +104,17 @@ async def run_load(target: str, streams: int, seconds: float, chunk_ms: float = 
         rate, frame_size = info.sample_rate_hz, info.frame_size
         chunk = max(1, int(round(chunk_ms * rate / 1000)))
         latencies: list[float] = []
+        total = int(seconds * rate)
+        # A few seconds of signal per stream, looped: memory stays small for long (soak) runs. Made before the
+        # clock starts (~6 ms per stream), or the first streams would start late and send their first chunks
+        # in one burst.
+        loop_len = max(chunk, min(total, 4 * rate) // chunk * chunk)
+        signals = [speechlike_signal(loop_len / rate, rate, seed=i) for i in range(streams)]
         t0 = time.perf_counter() + 0.2
         # Streams start spread over `ramp_s` (a frame's worth of phase offsets), as real clients would.
-        total = int(seconds * rate)
-        # A few seconds of signal per stream, looped: memory stays small for long (soak) runs.
-        loop_len = max(chunk, min(total, 4 * rate) // chunk * chunk)
-        tasks = [asyncio.create_task(_one_stream(client, speechlike_signal(loop_len / rate, rate, seed=i), total, rate,
-                                                 frame_size, chunk, t0 + ramp_s * i / max(streams, 1), latencies, model))
-                 for i in range(streams)]
+        tasks = [asyncio.create_task(_one_stream(client, signal, total, rate, frame_size, chunk,
+                                                 t0 + ramp_s * i / max(streams, 1), latencies, model))
+                 for i, signal in enumerate(signals)]
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         wall = time.perf_counter() - t0
     finally:

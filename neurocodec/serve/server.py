@@ -40,6 +40,7 @@ from .wire import (ServeError, audio_to_bytes, bytes_to_audio, check_channels, c
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Codec"].full_name  # "neurocodec.v1.Codec"
 log = logging.getLogger("neurocodec.serve")
+_HAS_TIMEOUT_CONTEXT = hasattr(asyncio, "timeout")  # Python 3.11+
 # How long the event loop may hold the GIL while the model worker waits for it (Python's default: 5 ms). The worker
 # takes the GIL back after each step; waiting up to 5 ms for it each time is a quarter of a 20 ms frame. The setting is
 # process-wide: a server embedded in another program (ServerThread) changes it for that program too.
@@ -84,6 +85,9 @@ class ServerOptions:
     max_buffered_s: float = 2.0  # audio not yet encoded per session; beyond it the server stops reading (backpressure)
     max_outstanding: int = 250  # results queued per session (5 s of frames) before its steps pause
     grace_s: float = 30.0  # graceful drain on SIGTERM
+    # torch intra-op threads, process-wide (None: leave torch's setting). `neurocodec serve` sets 1: a served step is
+    # many small kernels, and with more threads OpenMP's workers spin between them on the cores that the event loop
+    # needs (default model, 48 streams on 2 cores: p99 46 ms with torch's default of 2 threads, 15 ms with 1).
     torch_threads: int | None = None
     exact_encoding: bool = True  # float64 encoder: streamed tokens equal offline `encode` (see codecs/model.py)
 
@@ -188,6 +192,9 @@ class CodecServicer(pb_grpc.CodecServicer):
         left = session_start + o.max_session_s - time.monotonic()
         timeout = min(o.idle_timeout_s, left)
         try:
+            if _HAS_TIMEOUT_CONTEXT:  # no task per message, as wait_for makes before Python 3.12
+                async with asyncio.timeout(max(timeout, 0.0)):
+                    return await it.__anext__()
             return await asyncio.wait_for(it.__anext__(), timeout=max(timeout, 0.0))
         except StopAsyncIteration:
             return None
