@@ -294,10 +294,10 @@ class StreamingConv1d(StreamingModule):
         """
         conv = self.conv
         n_out = (time_steps(x) - self.effective_kernel) // self.stride + 1
-        if x.dtype != torch.float64 or conv.groups != 1 or (self.stride == 1 and n_out > 8):
+        if x.dtype != torch.float64 or conv.groups != 1 or n_out < 1 or (self.stride == 1 and n_out > 8):
             return conv(x)
         windows = x.unfold(2, self.effective_kernel, self.stride)[..., :: self.dilation]  # [B, C_in, T, kernel]
-        rows = windows.permute(0, 2, 1, 3).reshape(x.shape[0] * n_out, -1)  # [B * T, C_in * kernel]
+        rows = windows.permute(0, 2, 1, 3).reshape(x.shape[0] * n_out, conv.in_channels * self.kernel_size)
         weight = conv.weight.reshape(conv.out_channels, -1)  # [C_out, C_in * kernel], same (channel, tap) order
         y = rows @ weight.t() if conv.bias is None else torch.addmm(conv.bias, rows, weight.t())
         return y.view(x.shape[0], n_out, -1).transpose(1, 2)
