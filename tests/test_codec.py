@@ -146,3 +146,27 @@ def test_config_seed_gives_identical_models():
     codes = a.encode(wav)
     assert torch.equal(codes, b.encode(wav))
     assert codes.unique().numel() > 20  # k-means warm start spreads codes: not a degenerate all-zero model
+
+
+def test_input_high_pass_ignores_a_dc_offset_and_keeps_checkpoints_compatible():
+    """grvq_4cb's encoder high-passes its input (seanet.input_highpass_hz): a constant offset on the input changes
+    no code once it has decayed (a few ms), and the filter adds no weights, so checkpoints load with or without it."""
+    from neurocodec.codecs.checkpoint import build_codec
+    from neurocodec.codecs.streaming import StreamingHighPass
+    from neurocodec.config import load_config
+
+    codec = load_codec("grvq_4cb:tiny")
+    assert isinstance(codec.encoder.input_filter, StreamingHighPass) and codec.encoder.input_filter.cutoff_hz == 50
+    wav = signal(1.0, seed=11).double()  # float64, so that adding the offset rounds the samples no coarser than encoding
+    with torch.no_grad():
+        plain, offset = codec.encode(wav), codec.encode(wav + 0.2)
+    # The offset's step at the start decays as exp(-2 pi 50 t) (to 4e-17 of itself in 120 ms); frames whose
+    # receptive field (2,717 samples, 8.5 frames) reaches back into that time may differ.
+    settle = 15
+    assert torch.equal(plain[..., settle:], offset[..., settle:])
+    config = load_config("grvq_4cb", "tiny")["model"]
+    with_filter = build_codec(config).state_dict()
+    config["seanet"]["input_highpass_hz"] = 0
+    without = build_codec(config)
+    assert set(without.state_dict()) == set(with_filter)
+    without.load_state_dict(with_filter)

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from neurocodec.codecs.streaming import (StreamingConv1d, StreamingConvTranspose1d, StreamingLSTM,
+from neurocodec.codecs.streaming import (StreamingConv1d, StreamingConvTranspose1d, StreamingHighPass, StreamingLSTM,
                                          StreamingShapeError, StreamingTransformer)
 
 
@@ -59,6 +59,40 @@ def test_float64_conv1d_is_the_convolution_and_streams_exactly(bias):
                     torch.testing.assert_close(run_chunked(conv, x, sizes), offline, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("cutoff", [20.0, 50.0, 120.0])
+def test_high_pass_is_the_first_order_recursion_and_streams_exactly(cutoff):
+    """y[n] = x[n] - x[n-1] + a y[n-1], computed in closed-form blocks: the recursion itself (a loop here), offline and
+    for every chunking; DC is removed and a 1 kHz tone passes."""
+    import math
+
+    torch.manual_seed(int(cutoff))
+    hp = StreamingHighPass(cutoff, 16000).double()
+    x = torch.randn(2, 1, 700, dtype=torch.float64) + torch.tensor([0.5, -0.2], dtype=torch.float64).view(2, 1, 1)
+    expected = torch.zeros_like(x)
+    previous_in = previous_out = torch.zeros(2, 1, dtype=torch.float64)
+    for n in range(x.shape[-1]):
+        previous_out = x[..., n] - previous_in + hp.a * previous_out
+        previous_in = x[..., n]
+        expected[..., n] = previous_out
+    with torch.no_grad():
+        offline = hp(x)
+        torch.testing.assert_close(offline, expected, atol=1e-12, rtol=0)
+        for sizes in CHUNKINGS:
+            torch.testing.assert_close(run_chunked(hp, x, sizes), offline, atol=1e-12, rtol=0)
+        t = torch.arange(16000, dtype=torch.float64) / 16000
+        dc = hp(torch.ones(1, 1, 16000, dtype=torch.float64))
+        assert dc[..., -100:].abs().max() < 1e-6  # a constant offset decays away
+        tone = hp(torch.sin(2 * math.pi * 1000 * t).view(1, 1, -1))
+        assert abs(tone[..., 8000:].abs().max().item() - 1.0) < 0.01  # speech frequencies pass
+
+
+def test_high_pass_cutoff_must_be_a_frequency():
+    with pytest.raises(ValueError, match="cutoff"):
+        StreamingHighPass(9000.0, 16000)
+    with pytest.raises(ValueError, match="cutoff"):
+        StreamingHighPass(0.0, 16000)
+
+
 @pytest.mark.parametrize("kernel,stride", [(k, s) for k, s in itertools.product([1, 2, 4, 6, 9, 16], [1, 2, 3, 4, 8]) if k >= s])
 def test_conv_transpose_streaming_equals_offline(kernel, stride):
     torch.manual_seed(kernel * 10 + stride)
@@ -107,7 +141,7 @@ def _stateful_net():
         def __init__(self):
             super().__init__()
             self.body = torch.nn.Sequential(
-                StreamingConv1d(1, 4, 7), torch.nn.ELU(), StreamingConv1d(4, 4, 4, stride=2),
+                StreamingHighPass(20.0, 16000), StreamingConv1d(1, 4, 7), torch.nn.ELU(), StreamingConv1d(4, 4, 4, stride=2),
                 StreamingConvTranspose1d(4, 4, 4, stride=2), StreamingLSTM(4, 1),
                 StreamingConv1d(4, 8, 2, stride=2), StreamingTransformer(8, num_layers=1, num_heads=2, context=3))
 

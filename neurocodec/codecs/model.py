@@ -112,7 +112,7 @@ class Codec(CodebookSelection, StreamingContainer):
     def __init__(self, config: CodecConfig, sync_codebook: bool = False) -> None:
         super().__init__()
         self.config = config
-        self.encoder = SEANetEncoder(config.seanet)
+        self.encoder = SEANetEncoder(config.seanet, config.sample_rate)
         self.decoder = SEANetDecoder(config.seanet)
         self.quantizer = Quantizer(config.seanet.dimension, config.quantizer, sync_codebook=sync_codebook)
         self._num_codebooks = self.quantizer.total_codebooks

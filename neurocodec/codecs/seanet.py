@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .streaming import (SampleCounter, StreamingContainer, StreamingConv1d, StreamingConvTranspose1d, StreamingLSTM,
-                        StreamingTransformer)
+from .streaming import (SampleCounter, StreamingContainer, StreamingConv1d, StreamingConvTranspose1d, StreamingHighPass,
+                        StreamingLSTM, StreamingTransformer)
 
 
 @dataclass
@@ -41,10 +41,14 @@ class SEANetConfig:
     last_kernel_size: int = 7
     norm: str = "weight_norm"  # none | weight_norm (weights only; nothing normalises over time)
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    # Encoder input high-pass cutoff in Hz (streaming.StreamingHighPass: DC offsets and rumble); 0: none.
+    input_highpass_hz: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.strides or any(s < 1 for s in self.strides):
             raise ValueError(f"strides must be positive integers, got {self.strides}")
+        if self.input_highpass_hz < 0:
+            raise ValueError(f"input_highpass_hz must be 0 (none) or a cutoff in Hz, got {self.input_highpass_hz}")
 
     @property
     def hop_length(self) -> int:
@@ -80,8 +84,10 @@ class ResidualBlock(StreamingContainer):
 
 
 class SEANetEncoder(StreamingContainer):
-    def __init__(self, c: SEANetConfig) -> None:
+    def __init__(self, c: SEANetConfig, sample_rate: int = 16000) -> None:
         super().__init__()
+        # Outside `model`: the layers' names (and so the checkpoints) are the same with or without it.
+        self.input_filter = StreamingHighPass(c.input_highpass_hz, sample_rate) if c.input_highpass_hz else nn.Identity()
         layers: list[nn.Module] = [StreamingConv1d(1, c.channels, c.kernel_size, norm=c.norm)]
         ch = c.channels
         for stride in c.strides:
@@ -102,7 +108,7 @@ class SEANetEncoder(StreamingContainer):
                 nn.init.zeros_(module.bias)
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:  # [B, 1, N] -> [B, D, N // hop]
-        return self.model(self.counter(wav))
+        return self.model(self.input_filter(self.counter(wav)))
 
 
 class SEANetDecoder(StreamingContainer):

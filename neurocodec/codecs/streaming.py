@@ -25,6 +25,7 @@ a masked step (or a selected one) whose chunk would change a buffer's length rai
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Iterator
 
@@ -313,6 +314,70 @@ class StreamingConv1d(StreamingModule):
         else:
             y = x.new_zeros(x.shape[0], self.conv.out_channels, 0)
         state.previous = _masked_update(state.previous, x[..., n_out * self.stride:], state, "conv")
+        return y
+
+
+@dataclass
+class _HighPassState(StreamingState):
+    last_input: torch.Tensor  # [B, C, 1]: the previous input sample
+    last_output: torch.Tensor  # [B, C, 1]: the previous output sample
+
+
+class StreamingHighPass(StreamingModule):
+    """First-order high-pass (a DC blocker): y[n] = x[n] - x[n-1] + a * y[n-1], a = exp(-2 pi cutoff / rate).
+
+    Why: recordings carry DC offsets and rumble below the voice (microphones, preamps), and an encoder trained on
+    clean corpora spends its codes on them; speech codecs remove them first (Opus's encoder high-passes its input).
+    The default model's encoder takes this filter (grvq_4cb.yaml, `seanet.input_highpass_hz`); on the held-out
+    speaker gcin_3 (a DC offset, a third of the energy below 150 Hz) it took PESQ-WB from 1.24 to 1.46-1.49 with
+    the weights unchanged (20 clips, cutoffs 40-60 Hz), and moved the other held-out speakers by less than 0.02.
+
+    The recursion runs in blocks of at most BLOCK samples in closed form, y[t] = a^t (a y_prev + sum_{j<=t}
+    a^-j z[j]) with z the first difference: a cumulative sum, so a few tensor operations per block (traceable, and
+    exportable to ONNX) instead of a Python loop over samples. BLOCK bounds a^-t (rounding grows with it: at most
+    ~12x at 50 Hz). Block boundaries depend on the chunking, so streamed and offline outputs agree to rounding
+    (~1e-15 in float64), as convolutions over differently shaped inputs do.
+    """
+
+    BLOCK = 128
+
+    def __init__(self, cutoff_hz: float, sample_rate: int, channels: int = 1) -> None:
+        super().__init__()
+        if not 0 < cutoff_hz < sample_rate / 2:
+            raise ValueError(f"high-pass cutoff {cutoff_hz} Hz must be between 0 and half the sample rate ({sample_rate / 2:g} Hz)")
+        self.cutoff_hz, self.sample_rate, self.channels = cutoff_hz, sample_rate, channels
+        self.a = math.exp(-2 * math.pi * cutoff_hz / sample_rate)
+        steps = torch.arange(self.BLOCK, dtype=torch.float64)
+        # Not persistent: they follow from the config, so checkpoints hold the same tensors with or without the filter.
+        self.register_buffer("decay", self.a ** steps, persistent=False)  # a^t
+        self.register_buffer("growth", self.a ** -steps, persistent=False)  # a^-t
+
+    def _init_streaming_state(self, batch_size: int) -> _HighPassState:
+        zeros = torch.zeros(batch_size, self.channels, 1, device=self.decay.device, dtype=self.decay.dtype)
+        return _HighPassState(exec_mask=self._new_exec_mask(batch_size), last_input=zeros, last_output=zeros.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self._streaming_state
+        n = time_steps(x)
+        if n == 0:
+            return x
+        if state is None:  # offline: silence before the start, as a fresh streaming state
+            last_input = last_output = x.new_zeros(x.shape[0], x.shape[1], 1)
+        else:
+            last_input, last_output = state.last_input.to(x.dtype), state.last_output.to(x.dtype)
+        difference = x - torch.cat([last_input, x[..., :-1]], dim=-1)
+        decay, growth = self.decay.to(x.dtype), self.growth.to(x.dtype)
+        blocks = []
+        for start in range(0, n, self.BLOCK):
+            z = difference[..., start:start + self.BLOCK]
+            length = time_steps(z)
+            y = decay[:length] * (self.a * last_output + torch.cumsum(z * growth[:length], dim=-1))
+            blocks.append(y)
+            last_output = y[..., -1:]
+        y = torch.cat(blocks, dim=-1) if len(blocks) > 1 else blocks[0]
+        if state is not None:
+            state.last_input = _masked_update(state.last_input, x[..., -1:].to(state.last_input.dtype), state, "high-pass")
+            state.last_output = _masked_update(state.last_output, last_output.to(state.last_output.dtype), state, "high-pass")
         return y
 
 
