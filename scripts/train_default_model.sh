@@ -16,6 +16,11 @@
 # step-40,353 model on the same held-out clips (paired, 100 clips each): fillets_cs_m +0.053 +- 0.011 PESQ-WB,
 # gcin_3 +0.021 +- 0.011, June Wallack -0.008 +- 0.025.
 #
+# Input high-pass (day 15): from step 59,853 the encoder high-passes its input at 50 Hz (grvq_4cb.yaml,
+# `seanet.input_highpass_hz`; it has no weights, so the run resumed with it). With the step-51,775 weights alone it
+# took the held-out gcin_3 from PESQ-WB 1.26 to 1.53 (DC offset and rumble in those recordings); step 65,353
+# against step 51,775, paired: gcin_3 +0.312 +- 0.022, June Wallack +0.042 +- 0.022, fillets_cs_m +0.020 +- 0.008.
+#
 # Training resumes from runs/default-model-wide/checkpoints/last.ckpt whenever it exists, so the run can be
 # continued across days; when it stops, ship the result with scripts/ship_default_model.py. Where the run
 # folder is gone (a new machine), continue from the shipped weights instead:
