@@ -84,7 +84,7 @@ class ResidualBlock(StreamingContainer):
 
 
 class SEANetEncoder(StreamingContainer):
-    def __init__(self, c: SEANetConfig, sample_rate: int = 16000) -> None:
+    def __init__(self, c: SEANetConfig, sample_rate: int) -> None:
         super().__init__()
         # Outside `model`: the layers' names (and so the checkpoints) are the same with or without it.
         self.input_filter = StreamingHighPass(c.input_highpass_hz, sample_rate) if c.input_highpass_hz else nn.Identity()

@@ -149,10 +149,10 @@ class SemanticAcousticQuantizer(nn.Module):
 class SemanticAcousticEncoder(StreamingContainer):
     """The causal student (semantic) and acoustic encoders side by side: [B, 1, N] -> [B, Ds + Da, N / hop]."""
 
-    def __init__(self, semantic: SEANetConfig, acoustic: SEANetConfig) -> None:
+    def __init__(self, semantic: SEANetConfig, acoustic: SEANetConfig, sample_rate: int) -> None:
         super().__init__()
-        self.semantic = SEANetEncoder(semantic)
-        self.acoustic = SEANetEncoder(acoustic)
+        self.semantic = SEANetEncoder(semantic, sample_rate)
+        self.acoustic = SEANetEncoder(acoustic, sample_rate)
 
     @property
     def counter(self):
@@ -172,7 +172,7 @@ class SemantiCodec(Codec):
         self.config = config
         self.options = opts = from_dict(SemantiCodecOptions, config.semanticodec, "model.semanticodec")
         check_branch_hop(opts.semantic, config.seanet, "model.semanticodec.semantic")
-        self.encoder = SemanticAcousticEncoder(opts.semantic, config.seanet)
+        self.encoder = SemanticAcousticEncoder(opts.semantic, config.seanet, config.sample_rate)
         self.quantizer = SemanticAcousticQuantizer(opts.semantic.dimension, config.seanet.dimension, config.quantizer,
                                                    opts.clusters, opts.teacher_dim, sync_codebook=sync_codebook)
         self.decoder = SEANetDecoder(config.seanet)

@@ -70,11 +70,11 @@ class XYEncoder(StreamingContainer):
     """Semantic + acoustic branches fused into one latent. `forward` gives the fused latent; `branches`
     also returns the semantic branch's output (training uses it for distillation)."""
 
-    def __init__(self, acoustic: SEANetConfig, semantic: SEANetConfig) -> None:
+    def __init__(self, acoustic: SEANetConfig, semantic: SEANetConfig, sample_rate: int) -> None:
         super().__init__()
         self.counter = SampleCounter()  # Codec.encode_flush reads how far into a frame each session is
-        self.semantic = SEANetEncoder(semantic)
-        self.acoustic = SEANetEncoder(acoustic)
+        self.semantic = SEANetEncoder(semantic, sample_rate)
+        self.acoustic = SEANetEncoder(acoustic, sample_rate)
         self.fuse = StreamingConv1d(semantic.dimension + acoustic.dimension, acoustic.dimension, 1, norm=acoustic.norm)
         nn.init.zeros_(self.fuse.conv.bias)  # as SEANetEncoder: no input-independent offset in the latent
         # BatchNorm of the fused latent. FSQ/LFQ round a projection of the latent on a FIXED grid. A fresh
@@ -107,7 +107,7 @@ class XYSingleCodec(Codec):
         self.config = config
         self.xy = xy = from_dict(XYSingleConfig, config.xy_single, "model.xy_single")
         check_branch_hop(xy.semantic, config.seanet, "model.xy_single.semantic")
-        self.encoder = XYEncoder(config.seanet, xy.semantic)
+        self.encoder = XYEncoder(config.seanet, xy.semantic, config.sample_rate)
         self.quantizer = Quantizer(config.seanet.dimension, config.quantizer, sync_codebook=sync_codebook)
         if self.quantizer.total_codebooks != 1:
             raise ConfigError(f"xy_single quantises into ONE codebook; quantizer kind {config.quantizer.kind!r} "
