@@ -614,6 +614,28 @@ def test_maximum_session_duration(codec, clips):
         srv.stop()
 
 
+def test_taking_results_wakes_the_worker_only_for_a_session_that_was_full(codec):
+    """Every response a reader takes would otherwise make the worker scan all slots; only a session that had no
+    room for results (and so was being skipped) needs the worker to look again."""
+    import copy
+
+    from neurocodec.serve.batcher import Worker
+
+    worker = Worker(copy.deepcopy(codec), max_streams=2, max_outstanding=3)
+    loop = asyncio.new_event_loop()
+    try:
+        session = worker.open("encode", 4, loop)
+        session.outstanding = 3  # full: the worker skips it
+        worker.wake.clear()
+        worker.taken(session, 1)
+        assert worker.wake.is_set() and session.outstanding == 2
+        worker.wake.clear()
+        worker.taken(session, 1)  # it had room already: nothing new for the worker
+        assert not worker.wake.is_set() and session.outstanding == 1
+    finally:
+        loop.close()
+
+
 def test_slow_reader_is_bounded(codec, clips):
     """A session whose results are not taken stops being stepped after max_outstanding frames."""
     import copy
