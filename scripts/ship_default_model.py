@@ -1,7 +1,7 @@
 """Ship the default model: evaluate a training run's EMA codec on the held-out speaker, then install it as
 `neurocodec/weights/default.safetensors` (what `--model default` loads).
 
-    .venv/bin/python scripts/ship_default_model.py                      # runs/default-model-wide, data/debian-more
+    .venv/bin/python scripts/ship_default_model.py                      # runs/default-model-lstm, data/debian-more
     .venv/bin/python scripts/ship_default_model.py --run runs/X --corpus /path/to/debian --max-clips 100
 
 Writes docs/default_model/ (report.md with the table against Opus and Codec2, rate-quality plot,
@@ -42,7 +42,7 @@ def lineage_curve(run: Path, history: Path, steps_before: int) -> tuple[dict, di
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="runs/default-model-wide", help="training run folder (default runs/default-model-wide)")
+    p.add_argument("--run", default="runs/default-model-lstm", help="training run folder (default runs/default-model-lstm)")
     p.add_argument("--corpus", default="data/debian-more", help="corpus built by `neurocodec data debian --more-voices`")
     p.add_argument("--max-clips", type=int, default=100, help="held-out clips to score (default 100)")
     p.add_argument("--docs", default="docs/default_model", help="where the report goes")

@@ -21,7 +21,14 @@
 # took the held-out gcin_3 from PESQ-WB 1.26 to 1.53 (DC offset and rumble in those recordings); step 65,353
 # against step 51,775, paired: gcin_3 +0.312 +- 0.022, June Wallack +0.042 +- 0.022, fillets_cs_m +0.020 +- 0.008.
 #
-# Training resumes from runs/default-model-wide/checkpoints/last.ckpt whenever it exists, so the run can be
+# LSTM bottleneck and 100 Hz high-pass (day 16): the tiny preset now has Encodec's two-layer LSTM after the encoder
+# and before the decoder (grvq_4cb.yaml), added to the step-65,353 weights as identity blocks (`--init_from`
+# grows them) and trained 11,500 steps, with the input high-pass at 100 Hz instead of 50. An A/B from the same
+# weights, same data and hours (one thread each, side by side): the LSTM run against the run without it after
+# 11,500 and 12,500 steps, paired on the held-out clips: gcin_3 +0.024 +- 0.012, fillets_cs_m +0.010 +- 0.010,
+# June Wallack -0.005 +- 0.023; against step 65,353: +0.059, +0.014, +0.049. Served streams within p99 20 ms: 60.
+#
+# Training resumes from runs/default-model-lstm/checkpoints/last.ckpt whenever it exists, so the run can be
 # continued across days; when it stops, ship the result with scripts/ship_default_model.py. Where the run
 # folder is gone (a new machine), continue from the shipped weights instead:
 # `bash scripts/train_default_model.sh --init_from default` starts a new run from them (fresh discriminator
@@ -51,7 +58,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 CORPUS=${CORPUS:-data/debian-more}
-RUN=runs/default-model-wide  # day 14 on (runs/default-model: steps 7,967-40,353)
+RUN=runs/default-model-lstm  # day 16 on (runs/default-model: steps 7,967-40,353; runs/default-model-wide: to 65,353)
 
 if [ ! -f "$CORPUS/manifest.jsonl" ]; then
     "$PY" -m neurocodec.cli data debian -o "$CORPUS" --more-voices
@@ -64,7 +71,7 @@ fi
 exec "$PY" train/fit.py --config grvq_4cb.yaml --preset tiny \
     --data.manifest "$CORPUS/manifest.jsonl" \
     --data.valid_items 48 \
-    --trainer.run_name default-model-wide \
+    --trainer.run_name default-model-lstm \
     --trainer.max_steps 200000 \
     --trainer.val_every 500 \
     --trainer.log_every 50 \

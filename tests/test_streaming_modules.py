@@ -122,6 +122,25 @@ def test_bottlenecks_stream_exactly_and_match_training_path(factory):
             assert torch.equal(run_chunked(module, x, sizes), offline)  # bitwise: codes downstream must not flip
 
 
+@pytest.mark.parametrize("factory", [lambda: StreamingLSTM(8, 2), lambda: StreamingLSTM(8, 1),
+                                     lambda: StreamingTransformer(8, 2, 2, context=5)],
+                         ids=["lstm2", "lstm1", "transformer"])
+def test_bottleneck_started_as_identity_passes_input_through_and_still_learns(factory):
+    torch.manual_seed(0)
+    module = factory()
+    module.start_as_identity()
+    x = torch.randn(2, 8, 9)
+    with torch.no_grad():
+        module.eval()
+        assert torch.equal(module(x), x)
+    module.train()
+    out = module(x)
+    assert torch.equal(out, x)
+    (out * torch.randn_like(out)).sum().backward()
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    assert grads and max(float(g.abs().max()) for g in grads) > 0  # not a dead end: training can move it
+
+
 def test_transformer_context_is_bounded():
     torch.manual_seed(0)
     module = StreamingTransformer(8, 1, 2, context=4).eval()

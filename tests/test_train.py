@@ -166,7 +166,8 @@ def test_fine_tune_from_the_default_model(tmp_path):
     import yaml
     from safetensors.torch import load_file
 
-    from neurocodec.codecs.checkpoint import DEFAULT_MODEL_PATH, build_codec, lineage_steps, read_metadata, save_codec
+    from neurocodec.codecs.checkpoint import (DEFAULT_MODEL_PATH, build_codec, lineage_steps, load_weights_for_training,
+                                              read_metadata, save_codec)
 
     shipped = load_file(str(DEFAULT_MODEL_PATH))
     cfg = config("grvq_4cb", "trainer.max_steps=1")  # the default model's network: grvq_4cb, preset tiny
@@ -201,6 +202,16 @@ def test_fine_tune_from_the_default_model(tmp_path):
         fit(config("grvq_4cb", "trainer.max_steps=1", "model.seanet.channels=16"), tmp_path / "wide", init_from="default")
     with pytest.raises(UserError, match="model.sample_rate = 16000, this config has 24000"):
         fit(config("grvq_4cb", "trainer.max_steps=1", "model.sample_rate=24000"), tmp_path / "24k", init_from="default")
+    # a network that adds a bottleneck to the file's starts from the file's function (the block as identity)
+    grown_cfg = config("grvq_4cb", "trainer.max_steps=1", "model.seanet.bottleneck.kind=lstm")
+    grown = build_codec(grown_cfg.model)
+    load_weights_for_training(grown, "default")
+    wav = torch.randn(1, 1, 3200) * 0.1
+    shipped_codec = load_codec("default")
+    with torch.no_grad():
+        grown.eval()
+        torch.testing.assert_close(grown.decode(grown.encode(wav)), shipped_codec.decode(shipped_codec.encode(wav)),
+                                   atol=1e-4, rtol=0)
     folded = save_codec(load_codec("default"), tmp_path / "folded.safetensors")
     with pytest.raises(UserError, match="saved for inference"):
         fit(cfg, tmp_path / "f", init_from=str(folded))

@@ -174,7 +174,9 @@ def load_weights_for_training(codec: torch.nn.Module, spec: str | Path) -> dict:
             raise UserError(f"--init_from {spec}: it has model.{key} = {saved}, this config has {mine}; "
                             "fine-tuning keeps the model's settings (for `default`: --config grvq_4cb --preset tiny)")
     own = codec.state_dict()
-    missing = sorted(set(own) - set(state))
+    grown = _added_identity_blocks(codec, set(state))
+    grown_keys = {f"{prefix}.{key}" for prefix, block in grown.items() for key in block.state_dict()}
+    missing = sorted(set(own) - set(state) - grown_keys)
     unexpected = sorted(set(state) - set(own))
     reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or reshaped:
@@ -183,8 +185,25 @@ def load_weights_for_training(codec: torch.nn.Module, spec: str | Path) -> dict:
         raise UserError(f"--init_from {spec}: its network differs from the one this config builds ({detail}). "
                         f"It was trained from config {meta.get('config_name', '?')!r}; use the same model section "
                         "(for `default`: --config grvq_4cb --preset tiny)")
-    codec.load_state_dict(state)
+    codec.load_state_dict(state, strict=not grown)
+    for prefix, block in grown.items():
+        block.start_as_identity()
+        print(f"--init_from {spec}: {prefix} ({type(block).__name__}) is new in this network; it starts as the "
+              "identity, so the codec starts out computing what the file's codec computes")
     return meta
+
+
+def _added_identity_blocks(codec: torch.nn.Module, saved_keys: set[str]) -> dict[str, torch.nn.Module]:
+    """Blocks of `codec` that the saved weights lack entirely and that can start as the identity (bottlenecks
+    with `start_as_identity`, streaming.py): a model can be fine-tuned with one added, from its own function."""
+    found = {}
+    for prefix, module in codec.named_modules():
+        if not hasattr(module, "start_as_identity") or any(prefix.startswith(p + ".") for p in found):
+            continue
+        keys = {f"{prefix}.{key}" for key in module.state_dict()}
+        if keys and not keys & saved_keys:
+            found[prefix] = module
+    return found
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> torch.nn.Module:

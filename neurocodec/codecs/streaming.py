@@ -450,6 +450,17 @@ class StreamingLSTM(StreamingModule):
         super().__init__()
         self.lstm = nn.LSTM(dimension, dimension, num_layers, batch_first=True)
 
+    def start_as_identity(self) -> None:
+        """Make the block pass its input through unchanged while staying trainable: the last layer's
+        cell-candidate gate (rows 2H:3H in PyTorch's i, f, g, o order) gets zero weights and biases, so its
+        cell, and so its output, stay zero; the gradient still reaches those rows through the input gate. The
+        other layers keep their random weights, so the zeroed rows see a non-zero input from the first step
+        (zeroing every layer would leave the lower ones without a gradient)."""
+        hidden, last = self.lstm.hidden_size, self.lstm.num_layers - 1
+        with torch.no_grad():
+            for name in (f"weight_ih_l{last}", f"weight_hh_l{last}", f"bias_ih_l{last}", f"bias_hh_l{last}"):
+                getattr(self.lstm, name)[2 * hidden: 3 * hidden].zero_()
+
     def _init_streaming_state(self, batch_size: int) -> _LSTMState:
         weight = self.lstm.weight_ih_l0
         shape = (batch_size, self.lstm.num_layers, self.lstm.hidden_size)
@@ -513,6 +524,14 @@ class StreamingTransformerLayer(StreamingModule):
                                  nn.Linear(mlp_ratio * dimension, dimension))
         self.relative_bias = nn.Parameter(torch.zeros(num_heads, context))  # index: distance 0..context-1
 
+    def start_as_identity(self) -> None:
+        """Pass the input through unchanged, still trainable: both residual branches end in a zeroed
+        projection (the gradient reaches it through the branch's non-zero input)."""
+        with torch.no_grad():
+            for last in (self.out, self.mlp[-1]):
+                last.weight.zero_()
+                last.bias.zero_()
+
     def _init_streaming_state(self, batch_size: int) -> _AttentionState:
         weight = self.qkv.weight
         shape = (batch_size, self.num_heads, self.context, self.head_dim)
@@ -575,6 +594,10 @@ class StreamingTransformer(StreamingContainer):
     def __init__(self, dimension: int, num_layers: int = 2, num_heads: int = 4, context: int = 64) -> None:
         super().__init__()
         self.layers = nn.ModuleList(StreamingTransformerLayer(dimension, num_heads, context) for _ in range(num_layers))
+
+    def start_as_identity(self) -> None:
+        for layer in self.layers:
+            layer.start_as_identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
