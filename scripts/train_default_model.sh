@@ -26,7 +26,7 @@
 # grows them) and trained 11,500 steps, with the input high-pass at 100 Hz instead of 50. An A/B from the same
 # weights, same data and hours (one thread each, side by side): the LSTM run against the run without it after
 # 11,500 and 12,500 steps, paired on the held-out clips: gcin_3 +0.024 +- 0.012, fillets_cs_m +0.010 +- 0.010,
-# June Wallack -0.005 +- 0.023; against step 65,353: +0.059, +0.014, +0.049. Served streams within p99 20 ms: 60.
+# June Wallack -0.005 +- 0.023; against step 65,353: +0.059, +0.014, +0.049. Served streams within p99 20 ms: 54-60.
 #
 # Training resumes from runs/default-model-lstm/checkpoints/last.ckpt whenever it exists, so the run can be
 # continued across days; when it stops, ship the result with scripts/ship_default_model.py. Where the run
