@@ -27,6 +27,8 @@
 # weights, same data and hours (one thread each, side by side): the LSTM run against the run without it after
 # 11,500 and 12,500 steps, paired on the held-out clips: gcin_3 +0.024 +- 0.012, fillets_cs_m +0.010 +- 0.010,
 # June Wallack -0.005 +- 0.023; against step 65,353: +0.059, +0.014, +0.049. Served streams within p99 20 ms: 54-60.
+# Checkpoint noise: 3,316 steps later (step 80,169, not shipped) the same run scored -0.027 +- 0.008, -0.008 +-
+# 0.012 and -0.050 +- 0.017 against step 76,853 (fillets_cs_m, gcin_3, June): compare several checkpoints.
 #
 # Training resumes from runs/default-model-lstm/checkpoints/last.ckpt whenever it exists, so the run can be
 # continued across days; when it stops, ship the result with scripts/ship_default_model.py. Where the run
