@@ -4,8 +4,9 @@
 #   bash scripts/train_default_model.sh            # build the corpus if needed, then train or resume
 #   bash scripts/train_default_model.sh --trainer.max_time 00:02:00:00   # extra fit.py options pass through
 #
-# Model: grvq_4cb at the `tiny` network size (8 channels, 64-d latent, 0.45 M parameters, 2 kbps): the size
-# that comes closest to the single-stream speed target (docs/BENCHMARKS.md) and that trains at ~2 steps/s on
+# Model: grvq_4cb at the `tiny` network size (8 channels, 64-d latent, 2 kbps; 0.45 M parameters, 0.98 M with the
+# LSTM bottleneck of day 16, below): the size that comes closest to the single-stream speed target
+# (docs/BENCHMARKS.md) and that trains at ~2 steps/s on
 # one CPU thread (~0.6 with the MS-STFT discriminator it had until step 7,967; see below). Data: the Debian
 # real-speech corpus with Debian's other real voices (`neurocodec data debian --more-voices`, 5.0 h; until step
 # 40,353 the Asterisk prompts alone). Three speakers are held out as split `test`: June Wallack (French),

@@ -108,8 +108,6 @@ def _export_step(codec, step: str, example, input_name: str, output_name: str, p
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             # ... and about advanced indexing with negative indices, which codes never are.
             warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
-            # LSTM: its initial h0/c0 are graph inputs here (states), the case that warning asks for.
-            warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
             # The TorchScript exporter (deprecated in favour of torch.export's) records what the Python step does
             # to the layers' state objects; torch.export would need the state threaded through every layer.
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")

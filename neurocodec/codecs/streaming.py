@@ -328,10 +328,10 @@ class StreamingHighPass(StreamingModule):
 
     Why: recordings carry DC offsets and rumble below the voice (microphones, preamps), and an encoder trained on
     clean corpora spends its codes on them; speech codecs remove them first (Opus's encoder high-passes its input).
-    The default model's encoder takes this filter (grvq_4cb.yaml, `seanet.input_highpass_hz`: 50 Hz); on the
-    held-out speaker gcin_3 (a DC offset, a third of the energy below 150 Hz) it took PESQ-WB from 1.26 to 1.53 with
-    the weights unchanged (paired +0.278 +- 0.018 over 100 clips), and moved the other two held-out speakers by
-    less than 0.005 (docs/default_model/heldout_speakers.md).
+    The default model's encoder takes this filter (grvq_4cb.yaml, `seanet.input_highpass_hz`: 100 Hz since day 16,
+    50 Hz before). At 50 Hz, on the held-out speaker gcin_3 (a DC offset, a third of the energy below 150 Hz), it
+    took PESQ-WB from 1.26 to 1.53 with the weights unchanged (paired +0.278 +- 0.018 over 100 clips), and moved
+    the other two held-out speakers by less than 0.005 (docs/default_model/heldout_speakers.md).
 
     The recursion runs in blocks of at most BLOCK samples in closed form, y[t] = a^t (a y_prev + sum_{j<=t}
     a^-j z[j]) with z the first difference: a cumulative sum, so a few tensor operations per block (traceable, and
