@@ -111,6 +111,36 @@ def test_train_crops_have_segment_shape_and_skip_bad_files(small_corpus, caplog)
     assert len(virtual) == 7 and all(virtual[i].shape == (1, 4480) for i in range(7))
 
 
+def test_speaker_balance_moves_crops_from_the_big_speaker_to_the_small_one(tmp_path):
+    # Speaker "big" has 4 s of a 220 Hz tone in two files, "small" 1 s of 880 Hz: a crop's pitch says whose it is.
+    rows = []
+    for name, seconds, freq, speaker in (("b1.wav", 3.0, 220, "big"), ("b2.wav", 1.0, 220, "big"),
+                                         ("s1.wav", 1.0, 880, "small")):
+        t = np.arange(int(seconds * 16000)) / 16000
+        sf.write(tmp_path / name, (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16000)
+        rows.append({"path": name, "speaker": speaker})
+    manifest = _write_manifest(tmp_path / "m.jsonl", rows)
+
+    def share_of_small(balance: float) -> tuple[float, float]:
+        ds = AudioSegmentDataset(manifest, 16000, 0.1, frame_size=320, length=600, speaker_balance=balance)
+        torch.manual_seed(0)
+        crossings = [int((np.diff(np.sign(ds[i][0].numpy())) != 0).sum()) for i in range(len(ds))]
+        drawn = float(np.mean([c > 100 for c in crossings]))  # 880 Hz: ~176 per 0.1 s, 220 Hz: ~44
+        return ds.speaker_shares()["small"], drawn
+
+    for balance, expected in ((0.0, 0.2), (0.5, 1 / 3), (1.0, 0.5)):  # 1/(1+4), 1/(1+2), 1/(1+1)
+        share, drawn = share_of_small(balance)
+        assert share == pytest.approx(expected)
+        assert abs(drawn - expected) < 0.07, (balance, drawn)  # binomial sd at n=600: <= 0.021
+    # within a speaker, still by duration: b1 (3 s) gets 3x the crops of b2 (1 s)
+    ds = AudioSegmentDataset(manifest, 16000, 0.1, frame_size=320, length=10, speaker_balance=1.0)
+    assert ds._weights.tolist() == pytest.approx([0.375, 0.125, 0.5])
+    with pytest.raises(UserError, match="epoch length"):
+        AudioSegmentDataset(manifest, 16000, 0.1, frame_size=320, speaker_balance=1.0)
+    with pytest.raises(UserError, match=r"\[0, 1\]"):
+        AudioSegmentDataset(manifest, 16000, 0.1, frame_size=320, length=10, speaker_balance=1.5)
+
+
 def test_short_files_are_zero_padded_without_min_seconds(small_corpus):
     ds = AudioSegmentDataset(small_corpus, 16000, 0.5, frame_size=320, train=False)
     assert [Path(p).name for p, _ in ds.skipped] == ["corrupt.wav"]

@@ -224,7 +224,8 @@ def test_fine_tune_from_the_default_model(tmp_path):
 
 
 def test_export_loads_and_encodes_with_validation_metrics(tmp_path):
-    cfg = config("grvq_4cb", "trainer.max_steps=2", "trainer.val_every=2", "trainer.log_every=1")
+    cfg = config("grvq_4cb", "trainer.max_steps=2", "trainer.val_every=2", "trainer.log_every=1",
+                 "data.speaker_balance=1.0")
     _, module, export = fit(cfg, tmp_path / "run", loggers=True)
     path = tmp_path / "run" / "codec.safetensors"
     assert export.codec_path == path and path.is_file()
@@ -243,6 +244,9 @@ def test_export_loads_and_encodes_with_validation_metrics(tmp_path):
     metrics = summary["metrics"]
     for key in ("valid/mel", "valid/pesq", "valid/stoi", "valid/codebook0/usage", "valid/codebook3/perplexity"):
         assert key in metrics
+    shares = summary["train_crops_per_speaker"]  # speaker_balance 1: every demo speaker equally often
+    assert len(shares) >= 3 and sum(shares.values()) == pytest.approx(1.0, abs=1e-4)
+    assert max(shares.values()) == pytest.approx(min(shares.values()), abs=1e-5)
     csv_header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "valid/pesq" in csv_header and "train/mel" in csv_header
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))

@@ -4,7 +4,8 @@
 
 - train mode: a random crop of a file (the file is item `i` of the manifest, or, with a virtual epoch
   `length`, a file drawn with probability proportional to its duration so every second of audio is
-  equally likely), RMS/peak gain normalisation, then a random gain drawn from `gain_db`;
+  equally likely; `speaker_balance` moves that towards every speaker being equally likely), RMS/peak gain
+  normalisation, then a random gain drawn from `gain_db`;
 - eval mode (`train=False`): a fixed list of crops tiling every file (seeded offsets), the same tensors on
   every call and in every process, gain-normalised but without random gain.
 
@@ -47,12 +48,33 @@ class _File:
     frames: int  # length in the file's own samples
     sample_rate: int
     duration: float
+    speaker: str | None
+
+
+def speaker_balanced_weights(durations: np.ndarray, speakers: list[str | None], balance: float) -> np.ndarray:
+    """Sampling probability of each file: within a speaker proportional to duration; across speakers
+    proportional to the speaker's total duration raised to `1 - balance`.
+
+    balance 0: every second of audio equally likely (a speaker with 4x the audio gets 4x the crops);
+    balance 1: every speaker equally likely; in between, the tempered sampling multilingual LMs use for
+    languages (XLM-R's alpha = 1 - balance). Files without a speaker count as one speaker.
+    """
+    if not 0.0 <= balance <= 1.0:
+        raise UserError(f"speaker_balance must be in [0, 1], got {balance}")
+    durations = np.asarray(durations, dtype=np.float64)
+    totals: dict[str | None, float] = {}
+    for spk, d in zip(speakers, durations):
+        totals[spk] = totals.get(spk, 0.0) + float(d)
+    # A speaker's share ~ total^(1-balance); each of its files gets that share split by duration.
+    scale = np.array([totals[spk] ** (1.0 - balance) / totals[spk] if totals[spk] > 0 else 0.0 for spk in speakers])
+    weights = durations * scale
+    return weights / weights.sum()
 
 
 class AudioSegmentDataset(torch.utils.data.Dataset):
     def __init__(self, manifest: str | Path, sample_rate: int, segment_seconds: float, split: str | None = None,
                  train: bool = True, frame_size: int = 1, seed: int = 0, gain_db: tuple[float, float] = (-6.0, 0.0),
-                 min_seconds: float | None = None, length: int | None = None):
+                 min_seconds: float | None = None, length: int | None = None, speaker_balance: float = 0.0):
         self.manifest = str(manifest)
         self.sample_rate = int(sample_rate)
         self.segment_seconds = float(segment_seconds)
@@ -92,7 +114,7 @@ class AudioSegmentDataset(torch.utils.data.Dataset):
             if min_seconds is not None and duration < min_seconds:
                 self._skip(utt.path, f"too short: {duration:.3f} s < min_seconds {min_seconds} s", announce=True)
                 continue
-            self.files.append(_File(utt.path, int(info.frames), int(info.samplerate), duration))
+            self.files.append(_File(utt.path, int(info.frames), int(info.samplerate), duration, utt.speaker))
         if self.skipped:
             log.warning("%s%s: skipped %d of %d files (reasons above; also in dataset.skipped)", self.manifest,
                         f" [{split}]" if split else "", len(self.skipped), len(utterances))
@@ -102,7 +124,14 @@ class AudioSegmentDataset(torch.utils.data.Dataset):
                             f"({len(utterances)} listed, {len(self.skipped)} skipped)")
         self._bad: set[int] = set()  # files that failed while reading a crop
         self._resamplers: dict[int, torch.nn.Module] = {}
-        self._weights = np.array([f.duration for f in self.files], dtype=np.float64)
+        self._durations = np.array([f.duration for f in self.files], dtype=np.float64)
+        if speaker_balance and (not self.train or length is None):
+            raise UserError("speaker_balance needs training crops drawn at random (train mode with a virtual epoch "
+                            "length, data.epoch_length)")
+        self._weights = speaker_balanced_weights(self._durations, [f.speaker for f in self.files], speaker_balance)
+        if speaker_balance:
+            log.info("%s: speaker_balance %.2f, crops per speaker: %s", self.manifest, speaker_balance,
+                     ", ".join(f"{spk or '(none)'} {share:.1%}" for spk, share in self.speaker_shares().items()))
         self.crops: list[tuple[int, int]] = [] if self.train else self._eval_crops()
 
     # -- sizes -----------------------------------------------------------------------------------------
@@ -113,7 +142,14 @@ class AudioSegmentDataset(torch.utils.data.Dataset):
 
     @property
     def total_seconds(self) -> float:
-        return float(self._weights.sum())
+        return float(self._durations.sum())
+
+    def speaker_shares(self) -> dict[str | None, float]:
+        """Fraction of random training crops drawn from each speaker (largest first)."""
+        shares: dict[str | None, float] = {}
+        for f, w in zip(self.files, self._weights):
+            shares[f.speaker] = shares.get(f.speaker, 0.0) + float(w)
+        return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
 
     # -- items -----------------------------------------------------------------------------------------
     def __getitem__(self, i: int) -> torch.Tensor:

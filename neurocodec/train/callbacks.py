@@ -84,11 +84,21 @@ class CodecExport(L.Callback):
                 "codec": str(self.codec_path),
                 "checkpoint": str(last),
                 "skipped_files": [list(x) for x in getattr(datamodule, "skipped", [])],
+                # where the random training crops came from (data.speaker_balance moves these)
+                "train_crops_per_speaker": train_speaker_shares(datamodule),
                 "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
             }
             tmp = self.run_dir / "summary.json.tmp"
             tmp.write_text(json.dumps(self.summary, indent=2))
             tmp.replace(self.run_dir / "summary.json")
+
+
+def train_speaker_shares(datamodule) -> dict[str, float]:
+    """Fraction of random training crops drawn from each speaker; {} for data without speakers (images)."""
+    train_set = getattr(datamodule, "train_set", None)
+    if not hasattr(train_set, "speaker_shares"):
+        return {}
+    return {spk if spk is not None else "(no speaker)": round(share, 6) for spk, share in train_set.speaker_shares().items()}
 
 
 class ResumableCSVLogger(CSVLogger):

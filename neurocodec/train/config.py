@@ -38,6 +38,9 @@ class DataConfig:
     gain_db: list[float] = field(default_factory=lambda: [-12.0, 6.0])
     min_seconds: float | None = None  # skip shorter files
     epoch_length: int | None = None  # training crops per (virtual) epoch; None: one per file
+    # 0: crops drawn in proportion to audio duration; 1: every speaker (manifest `speaker`) equally often;
+    # between: a speaker's share ~ its hours^(1 - speaker_balance). Needs epoch_length.
+    speaker_balance: float = 0.0
     valid_items: int | None = 64  # validation crops (fixed, deterministic); None: all
 
     def __post_init__(self) -> None:
@@ -45,6 +48,8 @@ class DataConfig:
             raise ValueError("batch sizes must be >= 1")
         if self.segment_seconds <= 0 or self.valid_segment_seconds <= 0:
             raise ValueError("segment lengths must be > 0")
+        if not 0.0 <= self.speaker_balance <= 1.0:
+            raise ValueError(f"speaker_balance must be in [0, 1], got {self.speaker_balance}")
 
 
 @dataclass
