@@ -31,6 +31,11 @@
 # Checkpoint noise: 3,316 steps later (step 80,169, not shipped) the same run scored -0.027 +- 0.008, -0.008 +-
 # 0.012 and -0.050 +- 0.017 against step 76,853 (fillets_cs_m, gcin_3, June): compare several checkpoints.
 #
+# Day 17: step 85,761 = step 76,853 + 8,908 steps, same recipe, started as `--init_from default` on a machine that had
+# lost the run folder (run d17-a, 80 minutes). Against step 76,853: June +0.054 +- 0.019, gcin_3 +0.029 +- 0.011,
+# fillets_cs_m -0.002 +- 0.009. A run beside it with `--data.speaker_balance 0.5`, both scored at six checkpoints:
+# balanced - plain: June -0.077 +- 0.010, gcin_3 -0.031 +- 0.008, fillets_cs_m +0.017 +- 0.005; not adopted.
+#
 # Training resumes from runs/default-model-lstm/checkpoints/last.ckpt whenever it exists, so the run can be
 # continued across days; when it stops, ship the result with scripts/ship_default_model.py. Where the run
 # folder is gone (a new machine), continue from the shipped weights instead:

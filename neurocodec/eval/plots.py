@@ -237,9 +237,11 @@ def plot_training_curve(series: dict[str, dict[float, float]], path: str | Path,
             ax.plot(steps, values, marker="o", color="tab:blue")
         for step, label in (marks or {}).items():
             ax.axvline(step, color="tab:gray", linestyle="--", linewidth=1)
-            ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
-                        textcoords="offset points", fontsize=7, color="tab:gray")
+            # written along the line, inside the axes: a horizontal label runs into the next panel
+            ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), xytext=(-3, -4),
+                        textcoords="offset points", fontsize=7, color="tab:gray", rotation=90, ha="right", va="top")
         ax.set_title(titles[key])
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(5))  # step numbers are wide: fewer ticks, no overlap
         ax.set_xlabel("generator steps")
         ax.grid(alpha=0.3)
     fig.tight_layout()
