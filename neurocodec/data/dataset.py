@@ -129,9 +129,6 @@ class AudioSegmentDataset(torch.utils.data.Dataset):
             raise UserError("speaker_balance needs training crops drawn at random (train mode with a virtual epoch "
                             "length, data.epoch_length)")
         self._weights = speaker_balanced_weights(self._durations, [f.speaker for f in self.files], speaker_balance)
-        if speaker_balance:
-            log.info("%s: speaker_balance %.2f, crops per speaker: %s", self.manifest, speaker_balance,
-                     ", ".join(f"{spk or '(none)'} {share:.1%}" for spk, share in self.speaker_shares().items()))
         self.crops: list[tuple[int, int]] = [] if self.train else self._eval_crops()
 
     # -- sizes -----------------------------------------------------------------------------------------
