@@ -300,3 +300,69 @@ def test_debian_install_needs_root(monkeypatch):
     monkeypatch.setattr(debian.shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="no apt-get"):
         debian.ensure_packages(["asterisk-core-sounds-en-g722"])
+
+
+# -- espeak-ng synthetic speech ----------------------------------------------------------------------------
+def _median_f0(path: str) -> float:
+    import torchaudio
+
+    wave, sr = sf.read(path, dtype="float32")
+    f0 = torchaudio.functional.detect_pitch_frequency(torch.from_numpy(wave)[None], sr, freq_low=60, freq_high=400)
+    return float(f0.median())
+
+
+def test_espeak_corpus_adds_training_voices_beside_the_source_lines(tmp_path, capsys):
+    out = tmp_path / "with_espeak"
+    assert main(["data", "espeak", str(DEMO), "-o", str(out), "--minutes", "0.3", "--variants", "m1,f4",
+                 "--no-install"]) == 0
+    assert "train with --data.manifest" in capsys.readouterr().out
+    source = read_manifest(DEMO)
+    synthetic = read_manifest(out / "espeak.jsonl")
+    combined = read_manifest(out / "manifest.jsonl")
+    # The source's lines come first, unchanged, pointing at the same files from the new folder.
+    assert [(u.id, Path(u.path).resolve(), u.split, u.speaker) for u in combined[:len(source)]] == \
+        [(u.id, Path(u.path).resolve(), u.split, u.speaker) for u in source]
+    assert [u.id for u in combined[len(source):]] == [u.id for u in synthetic]
+    # Every language with training transcripts, in both variants; training split only, 16 kHz FLAC with sound.
+    languages = {u.language for u in source if u.split == "train" and u.text}
+    assert {u.speaker for u in synthetic} == {f"espeak_{lang}_{v}" for lang in languages for v in ("m1", "f4")}
+    assert {u.split for u in synthetic} == {"train"}
+    train_texts = {u.text for u in source if u.split == "train"}
+    for u in synthetic:
+        assert u.text in train_texts
+        wave, sr = sf.read(u.path, dtype="float32")
+        assert sr == 16000 and len(wave) / sr == pytest.approx(u.duration, abs=1e-3)
+        assert np.sqrt(np.mean(wave ** 2)) > 0.01
+    # The variants are different voices: espeak-ng's m1 speaks well below f4.
+    f0 = {v: np.median([_median_f0(u.path) for u in synthetic if u.speaker.endswith(v)]) for v in ("_m1", "_f4")}
+    assert f0["_m1"] * 1.4 < f0["_f4"], f0
+    # The dataset reads the combined manifest, synthetic speakers included.
+    speakers = {u.speaker for u in read_manifest(out / "manifest.jsonl", split="train")}
+    assert speakers >= {u.speaker for u in synthetic} | {u.speaker for u in source if u.split == "train"}
+
+    # A rerun keeps what is there (resumes) and writes the same manifests.
+    stamp = {u.path: Path(u.path).stat().st_mtime_ns for u in synthetic}
+    before = (out / "manifest.jsonl").read_text()
+    assert main(["data", "espeak", str(DEMO), "-o", str(out), "--minutes", "0.3", "--variants", "m1,f4",
+                 "--no-install"]) == 0
+    assert (out / "manifest.jsonl").read_text() == before
+    assert {p: Path(p).stat().st_mtime_ns for p in stamp} == stamp
+
+
+def test_espeak_corpus_bad_requests_are_one_line_errors(tmp_path, capsys):
+    from neurocodec.data import espeak
+
+    with pytest.raises(UserError, match="would overwrite"):
+        espeak.build_espeak_corpus(DEMO, DEMO.parent, minutes=1)
+    with pytest.raises(UserError, match="must be > 0"):
+        espeak.build_espeak_corpus(DEMO, tmp_path / "a", minutes=0)
+    with pytest.raises(UserError, match="not found"):
+        espeak.build_espeak_corpus(DEMO, tmp_path / "a", minutes=1, binary="no-such-espeak")
+    untranscribed = _write_manifest(tmp_path / "m.jsonl", [{"path": str(ROOT / "data/demo" / u.path), "split": "train",
+                                                           "language": "en"} for u in read_manifest(DEMO)[:3]])
+    with pytest.raises(UserError, match="no training lines with a transcript"):
+        espeak.build_espeak_corpus(untranscribed, tmp_path / "b", minutes=1)
+    # From the command line: the message, no traceback.
+    assert main(["data", "espeak", str(untranscribed), "-o", str(tmp_path / "c"), "--no-install"]) != 0
+    err = capsys.readouterr().err
+    assert "no training lines with a transcript" in err and "Traceback" not in err

@@ -1,8 +1,10 @@
-"""`neurocodec data scan|debian`: build manifests from folders of audio and the Debian speech corpus."""
+"""`neurocodec data scan|debian|espeak`: build manifests from folders of audio, the Debian speech corpus and
+espeak-ng."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,7 +12,8 @@ from ..errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="build audio manifests: any folder (scan), the Debian speech corpus (debian)")
+    p = sub.add_parser("data", help="build audio manifests: any folder (scan), the Debian speech corpus (debian), "
+                                          "synthetic speech (espeak)")
     data = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
 
     s = data.add_parser("scan", help="folder of audio (recursive) -> manifest.jsonl")
@@ -40,6 +43,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds per training voice that go to 'valid' in the demo")
     d.set_defaults(func=cmd_debian)
 
+    e = data.add_parser("espeak", help="synthetic espeak-ng speech of a manifest's training transcripts, "
+                                       "as a second manifest (the source's lines + the synthetic ones)")
+    e.add_argument("manifest", help="source manifest (e.g. a `data debian --more-voices` corpus's manifest.jsonl)")
+    e.add_argument("-o", "--output", required=True,
+                   help="folder for audio/espeak/, espeak.jsonl and manifest.jsonl (train on this one)")
+    e.add_argument("--minutes", type=float, default=20.0,
+                   help="synthetic minutes in all, spread evenly over languages x variants (default 20)")
+    e.add_argument("--variants", default=None,
+                   help="comma-separated espeak-ng voice variants, each a speaker per language (default: "
+                        "data/espeak.py's DEFAULT_VARIANTS, three low-pitched, two high-pitched, two Klatt)")
+    e.add_argument("--no-install", action="store_true", help="never call apt-get to install espeak-ng")
+    e.set_defaults(func=cmd_espeak)
+
 
 def cmd_scan(args: argparse.Namespace) -> int:
     from .manifest import write_manifest
@@ -60,6 +76,26 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print(f"  unreadable: {path}: {reason}", file=sys.stderr)
     if len(result.unreadable) > 20:
         print(f"  ... and {len(result.unreadable) - 20} more unreadable files", file=sys.stderr)
+    return 0
+
+
+def cmd_espeak(args: argparse.Namespace) -> int:
+    from . import debian, espeak
+
+    if not args.no_install and shutil.which("espeak-ng") is None:
+        debian.ensure_packages([espeak.PACKAGE], alternative="--no-install with espeak-ng on the PATH")
+    variants = (tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants is not None
+                else espeak.DEFAULT_VARIANTS)
+    summary = espeak.build_espeak_corpus(args.manifest, args.output, args.minutes, variants=variants)
+    out = Path(args.output)
+    for speaker, seconds in summary["speakers"].items():
+        print(f"{speaker:28s} {seconds / 60:6.2f} min")
+    print(f"espeak-ng: {summary['files']} files, {summary['minutes']:.2f} min in {len(summary['speakers'])} "
+          f"voices; failed: {len(summary['failed'])}")
+    for what, reason in summary["failed"][:10]:
+        print(f"  failed: {what}: {reason}", file=sys.stderr)
+    print(f"wrote {out / 'espeak.jsonl'} and {out / 'manifest.jsonl'} ({summary['source_lines']} source lines "
+          f"+ {summary['files']} synthetic; train with --data.manifest {out / 'manifest.jsonl'})")
     return 0
 
 

@@ -94,13 +94,14 @@ def _installed(package: str) -> bool:
     return out.returncode == 0 and "install ok installed" in out.stdout
 
 
-def ensure_packages(packages: list[str]) -> list[str]:
-    """apt-get install the packages that are missing; returns those installed now."""
+def ensure_packages(packages: list[str], alternative: str = "pass --sounds-dir/--moh-dir with the unpacked "
+                    "Asterisk sound archives, or --no-install") -> list[str]:
+    """apt-get install the packages that are missing; returns those installed now. `alternative` ends the
+    error message when that cannot be done (what else the user can do)."""
     missing = [p for p in packages if not _installed(p)]
     if not missing:
         return []
-    hint = (f"install them (sudo apt-get install {' '.join(missing)}), or pass --sounds-dir/--moh-dir with the "
-            "unpacked Asterisk sound archives, or --no-install")
+    hint = f"install them (sudo apt-get install {' '.join(missing)}), or {alternative}"
     if shutil.which("apt-get") is None:
         raise UserError(f"missing Debian packages {', '.join(missing)} and no apt-get on this machine: {hint}")
     if os.geteuid() != 0:
