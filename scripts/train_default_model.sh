@@ -36,6 +36,16 @@
 # fillets_cs_m -0.002 +- 0.009. A run beside it with `--data.speaker_balance 0.5`, both scored at six checkpoints:
 # balanced - plain: June -0.077 +- 0.010, gcin_3 -0.031 +- 0.008, fillets_cs_m +0.017 +- 0.005; not adopted.
 #
+# Day 18: a decaying learning rate. Every earlier session restarted at the preset's 1e-3 and kept it (lr_gamma
+# 0.999996: 3% lower after 9,000 steps). Two runs from step 85,761 side by side, both decaying ~10x per 9,000 steps
+# (lr_gamma 0.99974): from 1e-3 (to 2.2e-4 at 5,840 steps) and from 3e-4 (to 6.4e-5 at 5,919). Paired on the
+# held-out clips, averaged over four checkpoints each, 3e-4 - 1e-3: June +0.037 +- 0.013, fillets_cs_m +0.012 +-
+# 0.005, gcin_3 +0.012 +- 0.006; validation mel 0.185 against 0.192 (day 17 at 1e-3: 0.21-0.22). Adopted below:
+# each session anneals 3e-4 -> ~6e-5 (a resumed run keeps its schedule's place from the checkpoint). Shipped: step
+# 91,680 = 85,761 + the 3e-4 run's 5,919 steps. A third run with 22.6 min of espeak-ng speech added (`neurocodec data
+# espeak`, 35 synthetic voices, ~9% of the crops), against the 1e-3 run at the same steps (three checkpoints): June
+# +0.000 +- 0.012, fillets_cs_m +0.023 +- 0.007, gcin_3 -0.022 +- 0.009; not adopted.
+#
 # Training resumes from runs/default-model-lstm/checkpoints/last.ckpt whenever it exists, so the run can be
 # continued across days; when it stops, ship the result with scripts/ship_default_model.py. Where the run
 # folder is gone (a new machine), continue from the shipped weights instead:
@@ -88,4 +98,5 @@ exec "$PY" train/fit.py --config grvq_4cb.yaml --preset tiny \
     --loss.mel_bins '[5, 10, 20, 40, 80, 160, 320]' \
     --disc.kinds '[mpd]' \
     --optim.ema_decay 0.999 \
+    --optim.lr 3e-4 --optim.disc_lr 3e-4 --optim.lr_gamma 0.99974 \
     "${resume[@]}" "$@"
