@@ -356,6 +356,8 @@ def test_espeak_corpus_bad_requests_are_one_line_errors(tmp_path, capsys):
         espeak.build_espeak_corpus(DEMO, DEMO.parent, minutes=1)
     with pytest.raises(UserError, match="must be > 0"):
         espeak.build_espeak_corpus(DEMO, tmp_path / "a", minutes=0)
+    with pytest.raises(UserError, match=r"unknown espeak-ng variant\(s\) \['m99'\]"):
+        espeak.build_espeak_corpus(DEMO, tmp_path / "a", minutes=1, variants=("m1", "m99"))
     with pytest.raises(UserError, match="not found"):
         espeak.build_espeak_corpus(DEMO, tmp_path / "a", minutes=1, binary="no-such-espeak")
     untranscribed = _write_manifest(tmp_path / "m.jsonl", [{"path": str(ROOT / "data/demo" / u.path), "split": "train",

@@ -13,7 +13,7 @@ from ..errors import UserError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="build audio manifests: any folder (scan), the Debian speech corpus (debian), "
-                                          "synthetic speech (espeak)")
+                                    "synthetic speech (espeak)")
     data = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
 
     s = data.add_parser("scan", help="folder of audio (recursive) -> manifest.jsonl")
@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("-o", "--output", required=True,
                    help="folder for audio/espeak/, espeak.jsonl and manifest.jsonl (train on this one)")
     e.add_argument("--minutes", type=float, default=20.0,
-                   help="synthetic minutes in all, spread evenly over languages x variants (default 20)")
+                   help="synthetic minutes in all, spread evenly over languages x variants; each voice gets at "
+                        "least one utterance (default 20)")
     e.add_argument("--variants", default=None,
                    help="comma-separated espeak-ng voice variants, each a speaker per language (default: "
                         "data/espeak.py's DEFAULT_VARIANTS, three low-pitched, two high-pitched, two Klatt)")

@@ -46,6 +46,14 @@ def espeak_version(binary: str = "espeak-ng") -> str:
     return out.split(":")[1].split()[0] if ":" in out else out.strip()
 
 
+def installed_variants(binary: str = "espeak-ng") -> set[str]:
+    """Variant names espeak-ng knows (the `!v/<name>` files). It ignores an unknown `+variant` without an error,
+    so a typo would silently read in the default voice under another speaker's name."""
+    out = subprocess.run([binary, "--voices=variant"], capture_output=True, text=True, check=True).stdout
+    return {field.split("/", 1)[1] for line in out.splitlines()[1:] for field in line.split()
+            if field.startswith("!v/")}
+
+
 def synthesize(text: str, voice: str, wav_path: Path, binary: str = "espeak-ng") -> np.ndarray:
     """One utterance as float32 at 16 kHz (espeak-ng writes 22.05 kHz; torchaudio resamples)."""
     result = subprocess.run([binary, "-v", voice, "-w", str(wav_path), "--", text], capture_output=True, text=True)
@@ -78,6 +86,9 @@ def build_espeak_corpus(manifest: str | Path, out_dir: str | Path, minutes: floa
         raise UserError("no espeak-ng variants given")
     if shutil.which(binary) is None:
         raise UserError(f"{binary} not found: install the Debian package {PACKAGE} (apt-get install {PACKAGE})")
+    unknown = sorted(set(variants) - installed_variants(binary))
+    if unknown:
+        raise UserError(f"unknown espeak-ng variant(s) {unknown}; `espeak-ng --voices=variant` lists them")
     manifest, out_dir = Path(manifest), Path(out_dir)
     if (out_dir / "manifest.jsonl").resolve() == manifest.resolve():
         raise UserError(f"-o {out_dir} would overwrite {manifest}; write the synthetic corpus to another folder")
