@@ -26,8 +26,8 @@ from tqdm import tqdm
 from ..audio import load_audio
 from ..errors import UserError
 from .manifest import Utterance, read_manifest, write_manifest
+from .more_voices import SAMPLE_RATE, write_flac
 
-SAMPLE_RATE = 16000
 PACKAGE = "espeak-ng"
 # The corpus's languages that have sentence transcripts (Asterisk prompts, Fish Fillets dialogue), as espeak-ng
 # names them. June Wallack's French is left out on purpose: no synthetic French voice sits near the held-out one.
@@ -121,11 +121,7 @@ def build_espeak_corpus(manifest: str | Path, out_dir: str | Path, minutes: floa
                         wave = synthesize(text, f"{LANGUAGES[lang]}+{variant}", wav_path, binary)
                         if wave.size == 0 or not np.any(wave):
                             raise RuntimeError("espeak-ng wrote no sound")
-                        dst.parent.mkdir(parents=True, exist_ok=True)
-                        partial = dst.with_name(dst.name + ".tmp")
-                        sf.write(str(partial), np.clip(wave, -1.0, 1.0), SAMPLE_RATE, format="FLAC",
-                                 subtype="PCM_16")
-                        partial.replace(dst)
+                        write_flac(dst, wave)
                     duration = sf.info(str(dst)).duration
                 except Exception as err:  # noqa: BLE001 - one text espeak-ng cannot read must not stop the build
                     failed.append((f"{speaker}: {text[:60]}", " ".join(str(err).split()) or type(err).__name__))

@@ -124,7 +124,8 @@ def _split(speaker: str, clip_id: str, held_out: tuple[str, ...]) -> str:
     return train_or_valid(clip_id)
 
 
-def _write_flac(dst: Path, wave: np.ndarray) -> None:
+def write_flac(dst: Path, wave: np.ndarray) -> None:
+    """16 kHz 16-bit FLAC, written to a temporary name and renamed (an interrupted build leaves no half file)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     sf.write(str(tmp), np.clip(wave, -1.0, 1.0), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
@@ -163,7 +164,7 @@ def build_clips(items: list[Item], out_dir: Path, source: str, isolated: bool,
                 wave = join_items(waves, gap)
                 if wave.size == 0:
                     raise ValueError("no samples")
-                _write_flac(dst, wave)
+                write_flac(dst, wave)
             duration = sf.info(str(dst)).duration
         except Exception as err:  # one bad file must not stop the build
             failed.append((str(group[0].path), " ".join(str(err).split()) or type(err).__name__))
