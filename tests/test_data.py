@@ -313,8 +313,8 @@ def _median_f0(path: str) -> float:
 
 def test_espeak_corpus_adds_training_voices_beside_the_source_lines(tmp_path, capsys):
     out = tmp_path / "with_espeak"
-    assert main(["data", "espeak", str(DEMO), "-o", str(out), "--minutes", "0.3", "--variants", "m1,f4",
-                 "--no-install"]) == 0
+    assert main(["data", "espeak", str(DEMO), "-o", str(out), "--minutes", "0.3", "--variants", "m1,f4,m1",
+                 "--no-install"]) == 0  # the repeated m1 is one voice
     assert "train with --data.manifest" in capsys.readouterr().out
     source = read_manifest(DEMO)
     synthetic = read_manifest(out / "espeak.jsonl")

@@ -64,14 +64,11 @@ def synthesize(text: str, voice: str, wav_path: Path, binary: str = "espeak-ng")
 
 def pick_texts(utterances: list[Utterance]) -> dict[str, list[str]]:
     """Training transcripts per espeak language, deduplicated, in manifest order (the build is deterministic)."""
-    texts: dict[str, list[str]] = {}
+    texts: dict[str, dict[str, None]] = {}  # a dict keeps the first-seen order and drops repeats
     for u in utterances:
-        if u.split != "train" or not u.text or u.language not in LANGUAGES:
-            continue
-        own = texts.setdefault(u.language, [])
-        if u.text not in own:
-            own.append(u.text)
-    return texts
+        if u.split == "train" and u.text and u.language in LANGUAGES:
+            texts.setdefault(u.language, {})[u.text] = None
+    return {lang: list(own) for lang, own in texts.items()}
 
 
 def build_espeak_corpus(manifest: str | Path, out_dir: str | Path, minutes: float,
@@ -82,6 +79,7 @@ def build_espeak_corpus(manifest: str | Path, out_dir: str | Path, minutes: floa
     Clips already written are kept, so a rerun resumes. Returns a summary."""
     if minutes <= 0:
         raise UserError(f"--minutes must be > 0, got {minutes}")
+    variants = tuple(dict.fromkeys(variants))  # a repeated variant would repeat its speaker's clip ids
     if not variants:
         raise UserError("no espeak-ng variants given")
     if shutil.which(binary) is None:
