@@ -141,6 +141,38 @@ def test_speaker_balance_moves_crops_from_the_big_speaker_to_the_small_one(tmp_p
         AudioSegmentDataset(manifest, 16000, 0.1, frame_size=320, length=10, speaker_balance=1.5)
 
 
+def _peak_hz(crop: torch.Tensor, sr: int) -> float:
+    x = crop[0].numpy() * np.hanning(crop.shape[-1])
+    spectrum = np.abs(np.fft.rfft(x, n=8 * sr))  # 0.125 Hz bins
+    return float(np.argmax(spectrum)) * sr / (8 * sr)
+
+
+def test_speed_perturbation_moves_the_pitch_of_training_crops_by_the_drawn_factor(tmp_path):
+    # A 200 Hz tone at 16 kHz and at 8 kHz (the resampling path): a crop played 1.1x faster peaks at 220 Hz.
+    rows = []
+    for name, sr in (("a16.wav", 16000), ("a8.wav", 8000)):
+        t = np.arange(4 * sr) / sr
+        sf.write(tmp_path / name, (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), sr)
+        rows.append({"path": name, "speaker": name})
+    manifest = _write_manifest(tmp_path / "m.jsonl", rows)
+
+    plain = AudioSegmentDataset(manifest, 16000, 0.5, frame_size=320, length=20)
+    assert {round(_peak_hz(plain[i], 16000)) for i in range(20)} == {200}
+    perturbed = AudioSegmentDataset(manifest, 16000, 0.5, frame_size=320, length=60, speed_factors=(0.9, 1.1))
+    torch.manual_seed(0)
+    crops = [perturbed[i] for i in range(60)]
+    peaks = [_peak_hz(c, 16000) for c in crops]
+    assert all(min(abs(p - 180), abs(p - 220)) < 0.5 for p in peaks), peaks
+    assert 15 < sum(p > 200 for p in peaks) < 45  # both factors drawn (binomial, n=60)
+    # a sped-up crop reads more of the file, so the segment is full to its end (no zero padding)
+    assert all(c.shape == (1, 8000) and float(c[0, -160:].abs().max()) > 0.5 * float(c.abs().max()) for c in crops)
+    # validation crops are never perturbed
+    valid = AudioSegmentDataset(manifest, 16000, 0.5, frame_size=320, train=False)
+    assert {round(_peak_hz(valid[i], 16000)) for i in range(len(valid))} == {200}
+    with pytest.raises(UserError, match="speed factors"):
+        AudioSegmentDataset(manifest, 16000, 0.5, frame_size=320, length=10, speed_factors=(0.9, 3.0))
+
+
 def test_short_files_are_zero_padded_without_min_seconds(small_corpus):
     ds = AudioSegmentDataset(small_corpus, 16000, 0.5, frame_size=320, train=False)
     assert [Path(p).name for p, _ in ds.skipped] == ["corrupt.wav"]

@@ -225,7 +225,7 @@ def test_fine_tune_from_the_default_model(tmp_path):
 
 def test_export_loads_and_encodes_with_validation_metrics(tmp_path):
     cfg = config("grvq_4cb", "trainer.max_steps=2", "trainer.val_every=2", "trainer.log_every=1",
-                 "data.speaker_balance=1.0")
+                 "data.speaker_balance=1.0", "data.speed_perturb=[0.9, 1.0, 1.1]")
     _, module, export = fit(cfg, tmp_path / "run", loggers=True)
     path = tmp_path / "run" / "codec.safetensors"
     assert export.codec_path == path and path.is_file()
@@ -311,6 +311,8 @@ def test_cli_rejects_unknown_and_mistyped_options(capsys):
         main(["--config", "grvq_4cb", "--trainer.max_stepz", "5"])
     with pytest.raises(ConfigError, match=r"data\.batch_size must be int"):
         main(["--config", "grvq_4cb", "--data.batch_size", "eight"])
+    with pytest.raises(ConfigError, match=r"speed_perturb factors must be between 0\.5 and 2\.0"):
+        main(["--config", "grvq_4cb", "--data.speed_perturb", "[0.9, 3.0]"])
     assert main(["--config", "fsq", "--preset", "tiny", "--help"]) == 0
     out = capsys.readouterr().out
     for option in ("--trainer.max_steps", "--optim.disc_start_step", "--disc.kinds", "--loss.mel",

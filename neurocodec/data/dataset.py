@@ -4,8 +4,10 @@
 
 - train mode: a random crop of a file (the file is item `i` of the manifest, or, with a virtual epoch
   `length`, a file drawn with probability proportional to its duration so every second of audio is
-  equally likely; `speaker_balance` moves that towards every speaker being equally likely), RMS/peak gain
-  normalisation, then a random gain drawn from `gain_db`;
+  equally likely; `speaker_balance` moves that towards every speaker being equally likely), optionally played
+  faster or slower by a factor drawn from `speed_factors` (pitch, formants and tempo move together, as if
+  another, larger or smaller, speaker said it), RMS/peak gain normalisation, then a random gain drawn from
+  `gain_db`;
 - eval mode (`train=False`): a fixed list of crops tiling every file (seeded offsets), the same tensors on
   every call and in every process, gain-normalised but without random gain.
 
@@ -40,6 +42,8 @@ TARGET_RMS_DB = -20.0
 PEAK_MAX = 0.99
 MAX_BOOST_DB = 20.0  # a crop that is mostly pause must not have its noise floor blown up
 SILENCE_RMS = 1e-5  # below this a crop is treated as silence and left as it is
+# Speed perturbation beyond an octave either way no longer sounds like a person (ASR recipes use 0.9-1.1).
+MIN_SPEED, MAX_SPEED = 0.5, 2.0
 
 
 @dataclass
@@ -74,7 +78,8 @@ def speaker_balanced_weights(durations: np.ndarray, speakers: list[str | None], 
 class AudioSegmentDataset(torch.utils.data.Dataset):
     def __init__(self, manifest: str | Path, sample_rate: int, segment_seconds: float, split: str | None = None,
                  train: bool = True, frame_size: int = 1, seed: int = 0, gain_db: tuple[float, float] = (-6.0, 0.0),
-                 min_seconds: float | None = None, length: int | None = None, speaker_balance: float = 0.0):
+                 min_seconds: float | None = None, length: int | None = None, speaker_balance: float = 0.0,
+                 speed_factors: tuple[float, ...] = (1.0,)):
         self.manifest = str(manifest)
         self.sample_rate = int(sample_rate)
         self.segment_seconds = float(segment_seconds)
@@ -85,6 +90,9 @@ class AudioSegmentDataset(torch.utils.data.Dataset):
         self.gain_db = (float(gain_db[0]), float(gain_db[1]))
         self.min_seconds = min_seconds
         self.length = length
+        self.speed_factors = tuple(float(x) for x in speed_factors)
+        if not self.speed_factors or not all(MIN_SPEED <= x <= MAX_SPEED for x in self.speed_factors):
+            raise UserError(f"speed factors must be between {MIN_SPEED} and {MAX_SPEED}, got {list(speed_factors)}")
         if self.frame_size < 1:
             raise UserError(f"frame_size must be >= 1, got {frame_size}")
         if self.gain_db[0] > self.gain_db[1]:
@@ -163,11 +171,14 @@ class AudioSegmentDataset(torch.utils.data.Dataset):
         idx = i % len(self.files) if self.length is None else self._pick_file(rng)
         if idx in self._bad:
             idx = self._pick_file(rng)
+        # Drawn only when there is a choice, so runs without speed perturbation keep their crops.
+        speed = self.speed_factors[int(rng.integers(len(self.speed_factors)))] if len(self.speed_factors) > 1 \
+            else self.speed_factors[0]
         while True:
             f = self.files[idx]
-            src_len = self._source_frames(f)
+            src_len = self._source_frames(f, speed)
             start = int(rng.integers(0, f.frames - src_len + 1)) if f.frames > src_len else 0
-            wav = self._read(idx, start, src_len)
+            wav = self._read(idx, start, src_len, speed)
             if wav is not None:
                 gain = 10.0 ** (rng.uniform(*self.gain_db) / 20.0)
                 return self._finish(wav, gain)
@@ -208,11 +219,16 @@ class AudioSegmentDataset(torch.utils.data.Dataset):
         return crops
 
     # -- reading ---------------------------------------------------------------------------------------
-    def _source_frames(self, f: _File) -> int:
-        """Frames to read from the file for one segment at the target rate."""
-        return math.ceil(self.segment_samples * f.sample_rate / self.sample_rate)
+    def _source_frames(self, f: _File, speed: float = 1.0) -> int:
+        """Frames to read from the file for one segment at the target rate (`speed` times as many when sped up)."""
+        return math.ceil(self.segment_samples * f.sample_rate * speed / self.sample_rate)
 
-    def _read(self, idx: int, start: int, frames: int) -> torch.Tensor | None:
+    def _read(self, idx: int, start: int, frames: int, speed: float = 1.0) -> torch.Tensor | None:
+        """Frames [start, start + frames) of file `idx` at the target rate, `speed` times faster; None if it fails.
+
+        Speed perturbation (Ko et al., Interspeech 2015) is resampling from a rate the file does not have:
+        read as if recorded at `speed` x its rate, the same samples play faster and higher.
+        """
         f = self.files[idx]
         try:
             data, sr = sf.read(f.path, start=start, frames=frames, dtype="float32", always_2d=True)
@@ -225,13 +241,14 @@ class AudioSegmentDataset(torch.utils.data.Dataset):
             self._skip(f.path, f"read failed: {_one_line(err)}", announce=True)
             return None
         wav = torch.from_numpy(np.ascontiguousarray(to_mono(data))).unsqueeze(0)
-        if sr == self.sample_rate:
+        source_rate = round(sr * speed)
+        if source_rate == self.sample_rate:
             return wav
         # One torchaudio resampler per source rate: building the sinc kernel costs more than applying it
         # to a one-second crop (about 3x faster than torchaudio.functional.resample per call).
-        if sr not in self._resamplers:
-            self._resamplers[sr] = torchaudio.transforms.Resample(sr, self.sample_rate)
-        return self._resamplers[sr](wav)
+        if source_rate not in self._resamplers:
+            self._resamplers[source_rate] = torchaudio.transforms.Resample(source_rate, self.sample_rate)
+        return self._resamplers[source_rate](wav)
 
     def _finish(self, wav: torch.Tensor, gain: float) -> torch.Tensor:
         """Trim or zero-pad to exactly one segment, then normalise the level and apply `gain`."""

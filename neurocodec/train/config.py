@@ -17,6 +17,7 @@ from typing import Any, Union
 from ..codecs.model import CodecConfig
 from ..codecs.teacher import TeacherConfig
 from ..config import ConfigError, from_dict, load_config
+from ..data.dataset import MAX_SPEED, MIN_SPEED
 from .discriminators import DiscConfig
 from .losses import LossConfig
 
@@ -41,6 +42,9 @@ class DataConfig:
     # 0: crops drawn in proportion to audio duration; 1: every speaker (manifest `speaker`) equally often;
     # between: a speaker's share ~ its hours^(1 - speaker_balance). Needs epoch_length.
     speaker_balance: float = 0.0
+    # Speed perturbation of training crops: each crop is played at a factor drawn from this list (uniformly;
+    # pitch, formants and tempo together, like a smaller or larger speaker: ASR's [0.9, 1.0, 1.1]). [1.0]: off.
+    speed_perturb: list[float] = field(default_factory=lambda: [1.0])
     valid_items: int | None = 64  # validation crops (fixed, deterministic); None: all
 
     def __post_init__(self) -> None:
@@ -50,6 +54,9 @@ class DataConfig:
             raise ValueError("segment lengths must be > 0")
         if not 0.0 <= self.speaker_balance <= 1.0:
             raise ValueError(f"speaker_balance must be in [0, 1], got {self.speaker_balance}")
+        if not self.speed_perturb or not all(MIN_SPEED <= x <= MAX_SPEED for x in self.speed_perturb):
+            raise ValueError(f"speed_perturb factors must be between {MIN_SPEED} and {MAX_SPEED}, "
+                             f"got {self.speed_perturb}")
 
 
 @dataclass

@@ -50,7 +50,8 @@ class CodecDataModule(L.LightningDataModule):
         self.train_set = AudioSegmentDataset(manifest, self.sample_rate, c.segment_seconds, split=c.train_split,
                                              train=True, frame_size=self.frame_size, seed=self.seed,
                                              gain_db=tuple(c.gain_db), min_seconds=c.min_seconds,
-                                             length=c.epoch_length, speaker_balance=c.speaker_balance)
+                                             length=c.epoch_length, speaker_balance=c.speaker_balance,
+                                             speed_factors=tuple(c.speed_perturb))
         self.valid_set = AudioSegmentDataset(manifest, self.sample_rate, c.valid_segment_seconds, split=c.valid_split,
                                              train=False, frame_size=self.frame_size, seed=self.seed,
                                              min_seconds=c.min_seconds, length=c.valid_items)
