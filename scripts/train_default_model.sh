@@ -94,6 +94,7 @@ exec "$PY" train/fit.py --config grvq_4cb.yaml --preset tiny \
     --trainer.val_every 500 \
     --trainer.log_every 50 \
     --trainer.keep_checkpoints 3 \
+    --trainer.keep_exports true \
     --loss.mel_windows '[32, 64, 128, 256, 512, 1024, 2048]' \
     --loss.mel_bins '[5, 10, 20, 40, 80, 160, 320]' \
     --disc.kinds '[mpd]' \

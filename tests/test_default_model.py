@@ -138,3 +138,42 @@ def test_shipped_history_ends_at_the_shipped_models_step():
 
     history = read_validation_curve(DEFAULT_MODEL_PATH.parents[2] / "docs" / "default_model" / "validation_history.csv")
     assert max(history["valid/pesq"]) == lineage_steps(read_metadata(DEFAULT_MODEL_PATH))
+
+
+def test_compare_runs_pairs_checkpoints_with_the_reference_and_the_arms_at_common_steps(tmp_path):
+    """scripts/compare_runs.py: a checkpoint that is the reference itself differs by exactly 0 on every clip; the
+    arms are compared over the steps both have, clip by clip, from the evaluations it cached."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from neurocodec.codecs.checkpoint import build_codec, save_codec
+    from neurocodec.config import load_config
+    from neurocodec.data.manifest import read_manifest, write_manifest
+
+    demo = read_manifest(Path(__file__).resolve().parent.parent / "data" / "demo" / "manifest.jsonl")
+    corpus = tmp_path / "corpus"
+    write_manifest(corpus / "test_june_wallack.jsonl", [u for u in demo if u.speaker == "june_wallack"][:2])
+    for arm, steps in (("a", (2, 4)), ("b", (4,))):
+        for step in steps:
+            torch.manual_seed(step + (0 if arm == "a" else 100))
+            codec = build_codec(load_config("grvq_4cb", "tiny")["model"], name="grvq_4cb:tiny").eval()
+            save_codec(codec, tmp_path / arm / "exports" / f"codec_step{step:07d}.safetensors",
+                       metadata={"gen_step": step})
+    reference = tmp_path / "a" / "exports" / "codec_step0000002.safetensors"
+    out = tmp_path / "cmp"
+    script = _script("compare_runs")
+    assert script.main(["--corpus", str(corpus), "--arm", f"A={tmp_path / 'a'}", "--arm", f"B={tmp_path / 'b'}",
+                        "--reference", str(reference), "--max-clips", "2", "--jobs", "2", "--out", str(out)]) == 0
+    text = (out / "compare.md").read_text()
+    assert "| A 2 | +0.000 ± 0.000 | +0.000 |" in text  # the reference against itself
+    assert "steps every arm has (4)" in text
+    clips = {name: script.clip_scores(json.loads((out / "eval" / f"{name}_step4_june_wallack.json").read_text()))
+             for name in ("A", "B")}
+    assert len(clips["A"]) == 2
+    expected = np.mean([clips["B"][i] - clips["A"][i] for i in clips["A"]])
+    row = next(line for line in text.splitlines() if line.startswith("| B - A |"))
+    assert row.startswith(f"| B - A | {expected:+.3f} ± ")
+    with pytest.raises(SystemExit, match="keep_exports"):
+        script.main(["--corpus", str(corpus), "--arm", f"C={tmp_path}", "--out", str(out)])

@@ -224,12 +224,15 @@ def test_fine_tune_from_the_default_model(tmp_path):
 
 
 def test_export_loads_and_encodes_with_validation_metrics(tmp_path):
-    cfg = config("grvq_4cb", "trainer.max_steps=2", "trainer.val_every=2", "trainer.log_every=1",
-                 "data.speaker_balance=1.0", "data.speed_perturb=[0.9, 1.0, 1.1]")
+    cfg = config("grvq_4cb", "trainer.max_steps=4", "trainer.val_every=2", "trainer.log_every=1",
+                 "data.speaker_balance=1.0", "data.speed_perturb=[0.9, 1.0, 1.1]", "trainer.keep_exports=true")
     _, module, export = fit(cfg, tmp_path / "run", loggers=True)
     path = tmp_path / "run" / "codec.safetensors"
     assert export.codec_path == path and path.is_file()
-    assert read_metadata(path)["gen_step"] == "2"
+    assert read_metadata(path)["gen_step"] == "4"
+    kept = sorted((tmp_path / "run" / "exports").iterdir())  # trainer.keep_exports: one file per export step
+    assert [p.name for p in kept] == ["codec_step0000002.safetensors", "codec_step0000004.safetensors"]
+    assert read_metadata(kept[0])["gen_step"] == "2" and kept[1].read_bytes() == path.read_bytes()
     codec = load_codec(str(path))
     # The export is the EMA generator: averaged decoder, live encoder (which the live codebooks track).
     names, exported, live = module.ema._names, dict(codec.named_parameters()), dict(module.codec.named_parameters())

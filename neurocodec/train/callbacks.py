@@ -4,7 +4,9 @@
   system temp dir and then moves it — a copy, not an atomic rename, when /tmp is another filesystem. We
   write `<name>.tmp` beside the target and `os.replace` it, so a crash never leaves a torn checkpoint.
 * `CodecExport`: every time a checkpoint is written, and at the end of training, the EMA generator is
-  exported to `<run>/codec.safetensors` (the format `neurocodec encode --model` loads). At the end it also
+  exported to `<run>/codec.safetensors` (the format `neurocodec encode --model` loads); with `keep_exports`
+  each export is also kept as `<run>/exports/codec_step<gen step>.safetensors`, so that several checkpoints of
+  a run can be scored afterwards (scripts/compare_runs.py). At the end it also
   saves `checkpoints/last.ckpt`, checks that every process holds the same codebooks, and writes
   `<run>/summary.json`.
 * `ResumableCSVLogger`: Lightning's CSV logger deletes `metrics.csv` when its folder already exists, so a
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -47,10 +50,11 @@ def codebook_digest(codec: torch.nn.Module) -> str:
 
 
 class CodecExport(L.Callback):
-    def __init__(self, run_dir: Path, config_name: str) -> None:
+    def __init__(self, run_dir: Path, config_name: str, keep_exports: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.config_name = config_name
         self.codec_path = self.run_dir / "codec.safetensors"
+        self.keep_exports = keep_exports
         self.summary: dict = {}
 
     def export(self, trainer: L.Trainer, module) -> None:
@@ -61,6 +65,12 @@ class CodecExport(L.Callback):
             "gen_step": int(module.gen_step), "steps_before": module.steps_before,
             "total_steps": module.steps_before + int(module.gen_step), "config_name": self.config_name,
             "ema": module.ema is not None, "run_dir": str(self.run_dir)})
+        if self.keep_exports:
+            kept = self.run_dir / "exports" / f"codec_step{int(module.gen_step):07d}.safetensors"
+            kept.parent.mkdir(exist_ok=True)
+            tmp = kept.with_name(kept.name + ".tmp")
+            shutil.copyfile(self.codec_path, tmp)
+            tmp.replace(kept)
 
     def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
         self.export(trainer, module)

@@ -87,6 +87,8 @@ class TrainerConfig:
     pesq_items: int = 8  # validation items (per process) scored with PESQ-WB / STOI
     audio_examples: int = 2  # validation items written to TensorBoard as audio
     keep_checkpoints: int = 2  # most recent Lightning checkpoints kept (plus last.ckpt)
+    # keep every codec export as <run>/exports/codec_step<N>.safetensors (for scoring several checkpoints)
+    keep_exports: bool = False
     root_dir: str = "runs"
     run_name: str | None = None  # default: <config name>[-<preset>]
     seed: int = 0

@@ -145,7 +145,7 @@ def build_trainer(config: TrainConfig, run_dir: Path, world: int, extra_callback
                                  # a resumed run overwrites last.ckpt (atomically, AtomicCheckpointIO): with
                                  # the counter on, Lightning left last-v1.ckpt, last-v2.ckpt, ... beside it
                                  enable_version_counter=False)
-    export = CodecExport(run_dir, config.name)
+    export = CodecExport(run_dir, config.name, keep_exports=t.keep_exports)
     callbacks = [checkpoint, export, *extra_callbacks]
     if t.enable_progress_bar:
         callbacks.append(GeneratorStepBar(t.max_steps))

@@ -1,0 +1,177 @@
+"""Score several checkpoints of training runs on the held-out speakers, paired clip by clip against a reference model.
+
+    .venv/bin/python scripts/compare_runs.py --corpus data/debian-more --arm A=runs/x-a --arm B=runs/x-b
+    .venv/bin/python scripts/compare_runs.py --corpus DIR --arm A='snaps/a_*.safetensors' --steps 3000,4000 --jobs 2
+
+Why: one checkpoint of a GAN-trained codec differs from the next by +-0.03-0.05 PESQ-WB on the same clips, as much
+as most changes we try. An A/B is only readable over several checkpoints of each arm, at the same steps.
+
+An arm is NAME=PATH: a run folder (its `exports/`, written with `--trainer.keep_exports true`) or a glob of codec
+files; a file's step is its `gen_step` metadata. Each file and the reference (`--reference`, default the shipped
+model) are scored with `neurocodec eval` (no baselines) on the first --max-clips clips of every
+`test_<speaker>.jsonl` of the corpus; the results are cached in `<out>/eval/` so a rerun only scores what is new.
+
+Printed and written to `<out>/compare.md`:
+- every checkpoint against the reference: PESQ-WB difference per speaker (mean +- 95% t half-width), and the mean
+  over speakers;
+- per arm, over the steps that every arm has: each clip's difference averaged over those checkpoints, then its
+  interval (a checkpoint's noise averages out; the clips stay paired);
+- every later arm against the first, the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from neurocodec.codecs.checkpoint import read_metadata  # noqa: E402
+from neurocodec.eval.runner import summarize  # noqa: E402
+
+
+def arm_files(spec: str) -> tuple[str, dict[int, Path]]:
+    """NAME=PATH -> (name, {gen_step: codec file})."""
+    name, sep, where = spec.partition("=")
+    if not sep or not name or not where:
+        raise SystemExit(f"compare_runs: an arm is NAME=PATH (a run folder or a glob), got {spec!r}")
+    path = Path(where)
+    files = sorted(path.glob("exports/*.safetensors")) if path.is_dir() else [Path(p) for p in glob.glob(where)]
+    if not files:
+        hint = " (train with --trainer.keep_exports true)" if path.is_dir() else ""
+        raise SystemExit(f"compare_runs: arm {name}: no codec files at {where}{hint}")
+    steps: dict[int, Path] = {}
+    for f in files:
+        step = int(read_metadata(f).get("gen_step", -1))
+        if step < 0:
+            raise SystemExit(f"compare_runs: {f} has no gen_step metadata (not written by training)")
+        steps[step] = f
+    return name, steps
+
+
+def clip_scores(payload: dict) -> dict[str, float]:
+    """{clip id: PESQ-WB} of the model row of a `neurocodec eval --json` result."""
+    out = {}
+    for clip in payload["clips"]:
+        rows = [v for k, v in clip.get("systems", {}).items() if k.startswith("ours")]
+        if rows and rows[0].get("pesq") is not None:
+            out[clip["id"]] = rows[0]["pesq"]
+    return out
+
+
+def paired(x: list[dict[str, float]], y: list[dict[str, float]]) -> dict:
+    """Per clip, the mean over checkpoints of x[k] - y[k]; then mean and 95% t-interval over clips."""
+    ids = sorted(set.intersection(*(set(a) & set(b) for a, b in zip(x, y))))
+    diffs = [float(np.mean([a[i] - b[i] for a, b in zip(x, y)])) for i in ids]
+    return summarize(diffs)
+
+
+def cell(stat: dict) -> str:
+    if stat["ci95"] is None:
+        return "-" if stat["mean"] is None else f"{stat['mean']:+.3f}"
+    return f"{stat['mean']:+.3f} ± {(stat['ci95'][1] - stat['ci95'][0]) / 2:.3f}"
+
+
+def evaluate(model: str, manifest: Path, out: Path, max_clips: int) -> Path:
+    if not out.is_file():
+        tmp = out.with_name(out.stem + ".part.json")
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        proc = subprocess.run([sys.executable, "-m", "neurocodec.cli", "eval", "--model", model, "--data",
+                               str(manifest), "--baselines", "none", "--max-clips", str(max_clips), "--json",
+                               str(tmp)], cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"compare_runs: eval of {model} on {manifest.name} failed:\n{proc.stderr[-2000:]}")
+        tmp.replace(out)
+    return out
+
+
+def report(speakers: list[str], reference: str, arms: dict[str, dict[int, dict[str, dict]]],
+           ref_scores: dict[str, dict]) -> str:
+    """The Markdown report from the scores: arms[name][step][speaker] = {clip: pesq}."""
+    head = "| " + " | ".join(speakers) + " | mean over speakers |"
+    rule = "|---" * (len(speakers) + 2) + "|"
+    lines = [f"# Checkpoints against {reference} (PESQ-WB, paired per clip)", "",
+             "Each cell: mean ± half-width of the 95% t-interval over the clips.", "",
+             "## Every checkpoint minus the reference", "", "| arm, step " + head, rule]
+    for name, steps in arms.items():
+        for step in sorted(steps):
+            stats = [paired([steps[step][s]], [ref_scores[s]]) for s in speakers]
+            lines.append(f"| {name} {step} | " + " | ".join(cell(x) for x in stats)
+                         + f" | {np.mean([x['mean'] for x in stats]):+.3f} |")
+    common = sorted(set.intersection(*(set(s) for s in arms.values())))
+    lines += ["", f"## Over the steps every arm has ({', '.join(map(str, common)) or 'none'})", ""]
+    if common:
+        lines += ["| comparison " + head, rule]
+        for name, steps in arms.items():
+            stats = [paired([steps[k][s] for k in common], [ref_scores[s]] * len(common)) for s in speakers]
+            lines.append(f"| {name} - reference | " + " | ".join(cell(x) for x in stats)
+                         + f" | {np.mean([x['mean'] for x in stats]):+.3f} |")
+        first, *others = list(arms)
+        for name in others:
+            stats = [paired([arms[name][k][s] for k in common], [arms[first][k][s] for k in common])
+                     for s in speakers]
+            lines.append(f"| {name} - {first} | " + " | ".join(cell(x) for x in stats)
+                         + f" | {np.mean([x['mean'] for x in stats]):+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", required=True, help="folder with test_<speaker>.jsonl manifests")
+    p.add_argument("--arm", action="append", required=True, help="NAME=PATH (run folder or glob); repeat")
+    p.add_argument("--reference", default="default", help="model the checkpoints are paired against")
+    p.add_argument("--steps", help="comma-separated generator steps to score (default: every file)")
+    p.add_argument("--max-clips", type=int, default=100)
+    p.add_argument("--jobs", type=int, default=1, help="evaluations at once (one CPU thread each)")
+    p.add_argument("--out", default="runs/compare", help="where eval/ (the cache) and compare.md go")
+    args = p.parse_args(argv)
+
+    manifests = sorted(Path(args.corpus).glob("test_*.jsonl"))
+    if not manifests:
+        raise SystemExit(f"compare_runs: no test_<speaker>.jsonl in {args.corpus}")
+    speakers = [m.stem.removeprefix("test_") for m in manifests]
+    wanted = {int(s) for s in args.steps.split(",")} if args.steps else None
+    arms = {}
+    for spec in args.arm:
+        name, files = arm_files(spec)
+        if name in arms:
+            raise SystemExit(f"compare_runs: arm {name} given twice")
+        arms[name] = {k: f for k, f in files.items() if wanted is None or k in wanted}
+        if not arms[name]:
+            raise SystemExit(f"compare_runs: arm {name} has none of the steps {sorted(wanted)}; it has {sorted(files)}")
+    cache = Path(args.out) / "eval"
+    cache.mkdir(parents=True, exist_ok=True)
+    ref_tag = Path(args.reference).stem if args.reference.endswith(".safetensors") else args.reference
+    jobs = [("reference", None, args.reference, m, cache / f"reference-{ref_tag}_{s}.json")
+            for m, s in zip(manifests, speakers)]
+    jobs += [(name, step, str(f), m, cache / f"{name}_step{step}_{s}.json")
+             for name, files in arms.items() for step, f in sorted(files.items()) for m, s in zip(manifests, speakers)]
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool, tqdm(total=len(jobs), desc="scoring", unit="eval") as bar:
+        futures = [pool.submit(evaluate, model, manifest, out, args.max_clips) for _, _, model, manifest, out in jobs]
+        for fut in as_completed(futures):
+            fut.result()
+            bar.update()
+    load = lambda path: clip_scores(json.loads(path.read_text()))  # noqa: E731
+    ref_scores = {s: load(j[4]) for s, j in zip(speakers, jobs)}
+    scores: dict[str, dict[int, dict[str, dict]]] = {name: {} for name in arms}
+    for name, step, _, manifest, out in jobs[len(speakers):]:
+        scores[name].setdefault(step, {})[manifest.stem.removeprefix("test_")] = load(out)
+    text = report(speakers, args.reference, scores, ref_scores)
+    (Path(args.out) / "compare.md").write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
