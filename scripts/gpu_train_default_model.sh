@@ -9,9 +9,10 @@
 # Argument: minutes of training (Lightning's --trainer.max_time), cut down so that the whole command -- wheel
 # install, corpus, fit.py's startup, the last validation and checkpoint, the files for the way back -- ends
 # inside TOTAL_S (570 s; the tool stops a command at 600 s). Further arguments go to train/fit.py.
-# The recipe is the run's own resolved config (.gpukit/config.yaml, copied from runs/default-model/config.yaml):
-# same network, batch, losses and data options as the CPU run; only the corpus path, max_time, val_every and
-# the progress bar differ. Into $OUT: last.ckpt, metrics.csv, codec.safetensors, summary.json, config.yaml,
+# The recipe is a CPU run's own resolved config (.gpukit/config.yaml, copied from the run's config.yaml): same
+# network, batch, losses, learning-rate schedule and data options; only the corpus path, max_time, val_every
+# and the progress bar differ. Like a CPU session, the first call fine-tunes the shipped weights (--init_from
+# default; the run's checkpoint does not fit in the 64 MiB beside the corpus). Into $OUT: last.ckpt, metrics.csv, codec.safetensors, summary.json, config.yaml,
 # gpu_run.json (steps/s), train.log.
 # Env: PY (python3), OUT, KIT (.gpukit), SITE (/tmp/site), CORPUS (/tmp/corpus), VAL_EVERY (1000 generator
 # steps), TOTAL_S, RESERVE_S; for a dry run on a CPU machine whose python has the packages already:
@@ -26,7 +27,7 @@ OUT=${OUT:?OUT must name the folder whose files come back}
 KIT=${KIT:-.gpukit}
 SITE=${SITE:-/tmp/site}
 CORPUS=${CORPUS:-/tmp/corpus}
-RUN=runs/default-model
+RUN=${RUN:-runs/default-model-gpu}
 TOTAL_S=${TOTAL_S:-570}
 RESERVE_S=${RESERVE_S:-90}  # fit.py startup + the last validation and checkpoint + the report
 VAL_EVERY=${VAL_EVERY:-1000}  # a validation (and checkpoint) about every minute at GPU speed
@@ -46,7 +47,9 @@ fi
 "$PY" scripts/gpukit.py check $([ "${ALLOW_CPU:-0}" = 1 ] || echo --require-gpu) || exit 1
 stage "building the corpus in $CORPUS"
 "$PY" scripts/gpukit.py corpus --kit "$KIT" --out "$CORPUS" || exit 1
-start=$("$PY" scripts/gpukit.py resume --kit "$KIT" --run "$RUN") || exit 1
+start=$("$PY" scripts/gpukit.py resume --run "$RUN") || exit 1
+# the first call fine-tunes the shipped weights; a call on a warm machine continues the device's own checkpoint
+if [ "$start" -gt 0 ]; then from=(--ckpt_path "$RUN/checkpoints/last.ckpt"); else from=(--init_from default); fi
 
 left=$(( TOTAL_S - ($(date +%s) - t0) - RESERVE_S ))
 train_s=$(( MINUTES * 60 ))
@@ -57,8 +60,8 @@ stage "training from generator step $start for $max_time (validation every $VAL_
 fit_start=$(date +%s.%N)
 # timeout: a last guard so that the files still come back; max_time stops fit.py well before it
 timeout --signal=INT --kill-after=20 $(( train_s + RESERVE_S - 20 )) \
-    "$PY" train/fit.py --config "$KIT/config.yaml" --ckpt_path "$RUN/checkpoints/last.ckpt" \
-    --data.manifest "$CORPUS/manifest.jsonl" --trainer.run_name default-model \
+    "$PY" train/fit.py --config "$KIT/config.yaml" "${from[@]}" \
+    --data.manifest "$CORPUS/manifest.jsonl" --trainer.run_name "$(basename "$RUN")" \
     --trainer.max_time "$max_time" --trainer.val_every "$VAL_EVERY" --trainer.enable_progress_bar false \
     "$@" 2>&1 | tee "$OUT/train.log"
 fit_rc=${PIPESTATUS[0]}

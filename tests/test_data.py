@@ -14,7 +14,7 @@ import torch
 from neurocodec.cli import main
 from neurocodec.data import debian
 from neurocodec.data.dataset import AudioSegmentDataset
-from neurocodec.data.manifest import read_manifest
+from neurocodec.data.manifest import read_manifest, train_or_valid
 from neurocodec.data.scan import scan_dir
 from neurocodec.errors import UserError
 
@@ -400,3 +400,42 @@ def test_espeak_corpus_bad_requests_are_one_line_errors(tmp_path, capsys):
     assert main(["data", "espeak", str(untranscribed), "-o", str(tmp_path / "c"), "--no-install"]) != 0
     err = capsys.readouterr().err
     assert "no training lines with a transcript" in err and "Traceback" not in err
+
+
+def _g722_tone(path: Path, seconds: float, seed: int) -> None:
+    from G722 import G722
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(16000 * seconds)) / 16000
+    pcm = (3000 * np.sin(2 * np.pi * (200 + 50 * seed) * t) + 300 * rng.standard_normal(t.size)).astype(np.int16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(G722(16000, 64000).encode(pcm))
+
+
+def _keys(split: str, count: int) -> list[str]:
+    """Prompt names that debian's hash rule puts in `split` for a training voice."""
+    out = [f"p{i}" for i in range(2000) if train_or_valid(f"p{i}") == split]
+    return out[:count]
+
+
+def _sounds(root: Path) -> Path:
+    sounds = root / "sounds"
+    seed = 0
+    for lang in ("en", "es", "fr", "it", "ru"):
+        folder = sounds / debian.VOICE_BY_LANG[lang].folder
+        for key in _keys("train", 2) + _keys("valid", 1):
+            seed += 1
+            _g722_tone(folder / f"{key}.g722", 0.3 + 0.05 * seed, seed)
+        _g722_tone(folder / "silence" / "1.g722", 0.2, 99)  # not speech: never travels
+    return sounds
+
+
+def test_data_debian_without_a_test_voice(tmp_path):
+    sounds = _sounds(tmp_path)
+    assert main(["data", "debian", "-o", str(tmp_path / "c"), "--sounds-dir", str(sounds), "--no-install",
+                       "--no-music", "--languages", "en,it", "--test-language", "none"]) == 0
+    splits = {u.split for u in read_manifest(tmp_path / "c" / "manifest.jsonl")}
+    assert splits == {"train", "valid"}
+    # Naming a test voice that is not among the languages is still an error.
+    assert main(["data", "debian", "-o", str(tmp_path / "d"), "--sounds-dir", str(sounds), "--no-install",
+                       "--no-music", "--languages", "en,it"]) == 2

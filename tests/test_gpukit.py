@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import lzma
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
+import yaml
 
 from neurocodec.cli import main as neurocodec
-from neurocodec.data import debian
-from neurocodec.data.manifest import read_manifest, train_or_valid
+from neurocodec.config import load_config
+from neurocodec.data.dataset import AudioSegmentDataset
+from neurocodec.data.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,71 +30,43 @@ def gpukit():
     return module
 
 
-def _g722(path: Path, seconds: float, seed: int) -> None:
-    from G722 import G722
-
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(16000 * seconds)) / 16000
-    pcm = (3000 * np.sin(2 * np.pi * (200 + 50 * seed) * t) + 300 * rng.standard_normal(t.size)).astype(np.int16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(G722(16000, 64000).encode(pcm))
-
-
-def _keys(split: str, count: int) -> list[str]:
-    """Prompt names that debian's hash rule puts in `split` for a training voice."""
-    out = [f"p{i}" for i in range(2000) if train_or_valid(f"p{i}") == split]
-    return out[:count]
-
-
-def _sounds(root: Path) -> Path:
-    sounds = root / "sounds"
-    seed = 0
-    for lang in ("en", "es", "fr", "it", "ru"):
-        folder = sounds / debian.VOICE_BY_LANG[lang].folder
-        for key in _keys("train", 2) + _keys("valid", 1):
-            seed += 1
-            _g722(folder / f"{key}.g722", 0.3 + 0.05 * seed, seed)
-        _g722(folder / "silence" / "1.g722", 0.2, 99)  # not speech: never travels
-    return sounds
-
-
-def test_kit_corpus_trains_on_training_voices_and_validates_exactly_like_the_full_corpus(gpukit, tmp_path):
-    sounds = _sounds(tmp_path)
-    members = gpukit.corpus_members(sounds)
-    names = sorted(name for _, name in members)
-    assert not any("fr_CA" in n or "/silence/" in n for n in names)  # the held-out voice stays here
-    es = [n for n in names if "es_MX" in n]
-    assert es == [f"sounds/es_MX_f_Allison/{_keys('valid', 1)[0]}.g722"]  # Spanish: valid prompts only
-
-    kit = tmp_path / "kit"
-    kit.mkdir()
-    gpukit.write_corpus(kit / "corpus.tar.xz", members)
-    languages = [v.language for v in debian.VOICES if v.language != "fr"]
-    (kit / "kit.json").write_text(json.dumps({"corpus": {"languages": languages, "sha256": "x"}}))
-    args = argparse.Namespace(kit=str(kit), unpack=str(tmp_path / "unpacked"), out=str(tmp_path / "device"))
+def test_kit_corpus_carries_training_files_as_opus_and_the_exact_validation_crops(gpukit, tmp_path):
+    demo = ROOT / "data" / "demo" / "manifest.jsonl"
+    run = tmp_path / "run"
+    run.mkdir()
+    config = load_config("grvq_4cb", "tiny", [f"data.manifest={demo}", "data.valid_items=6"])
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "kit").mkdir()
+    info = gpukit.write_corpus(tmp_path / "kit" / "corpus.tar", run / "config.yaml", demo)
+    train = read_manifest(demo, split="train")
+    assert info["train_files"] == len(train) and info["valid_crops"] == 6
+    (tmp_path / "kit" / "kit.json").write_text(json.dumps({"corpus": {**info, "sha256": "x"}}))
+    args = argparse.Namespace(kit=str(tmp_path / "kit"), out=str(tmp_path / "device"))
     assert gpukit.cmd_corpus(args) == 0
-
-    # The full corpus, built the usual way from all five voices (fr held out).
-    assert neurocodec(["data", "debian", "-o", str(tmp_path / "full"), "--sounds-dir", str(sounds),
-                       "--no-install", "--no-music"]) == 0
     device = read_manifest(tmp_path / "device" / "manifest.jsonl")
-    full = read_manifest(tmp_path / "full" / "manifest.jsonl")
-    rows = lambda utts, split: [(u.id, u.duration, u.speaker) for u in utts if u.split == split]  # noqa: E731
-    assert rows(device, "valid") == rows(full, "valid")  # same files, same order: same validation crops
-    assert rows(device, "test") == []
-    assert {u.id for u in device if u.split == "train"} == {u.id for u in full if u.split == "train"
-                                                             and u.language != "es"}
+    assert [u.id for u in device if u.split == "train"] == [u.id for u in train]
+    assert {u.split for u in device} == {"train", "valid"}  # the held-out speaker's test clips stay here
 
+    # Validation: the device builds the very crops the CPU run scores (24-bit FLAC: within 1e-6).
+    data, sr, frame_size, seed = gpukit.run_data(run / "config.yaml")
+    here = gpukit.validation_set(data, sr, frame_size, seed)
+    data.manifest = str(tmp_path / "device" / "manifest.jsonl")
+    there = gpukit.validation_set(data, sr, frame_size, seed)
+    assert len(there) == len(here) == 6
+    for k in range(6):
+        assert torch.allclose(there[k], here[k], atol=1e-6)
 
-def test_data_debian_without_a_test_voice(tmp_path):
-    sounds = _sounds(tmp_path)
-    assert neurocodec(["data", "debian", "-o", str(tmp_path / "c"), "--sounds-dir", str(sounds), "--no-install",
-                       "--no-music", "--languages", "en,it", "--test-language", "none"]) == 0
-    splits = {u.split for u in read_manifest(tmp_path / "c" / "manifest.jsonl")}
-    assert splits == {"train", "valid"}
-    # Naming a test voice that is not among the languages is still an error.
-    assert neurocodec(["data", "debian", "-o", str(tmp_path / "d"), "--sounds-dir", str(sounds), "--no-install",
-                       "--no-music", "--languages", "en,it"]) == 2
+    # Training files: Opus of the same speech (same length, high correlation once Opus's delay is removed),
+    # and random training crops read from them.
+    for utt, copy in zip(train[:3], [u for u in device if u.split == "train"][:3]):
+        original, _ = sf.read(utt.path, dtype="float32")
+        coded, rate = sf.read(copy.path, dtype="float32")
+        assert rate == sr and abs(len(coded) - len(original)) <= 0.01 * sr
+        n = min(len(coded), len(original))
+        assert np.corrcoef(original[:n], coded[:n])[0, 1] > 0.95
+    crops = AudioSegmentDataset(tmp_path / "device" / "manifest.jsonl", sr, 0.5, split="train", frame_size=frame_size,
+                                length=8)
+    assert not crops.skipped and all(crops[i].shape == (1, 8000) and crops[i].abs().max() > 0 for i in range(8))
 
 
 def _wheel(folder: Path, name: str, version: str, tag: str, requires: list[str]) -> Path:
@@ -130,23 +104,17 @@ def _callbacks(path: Path) -> list[str]:
     return list(torch.load(path, map_location="cpu", weights_only=False)["callbacks"])
 
 
-def test_resume_takes_the_kit_checkpoint_unless_the_device_run_is_further(gpukit, tmp_path, capsys):
-    kit, run = tmp_path / "kit", tmp_path / "runs" / "default-model"
-    _ckpt(tmp_path / "k.ckpt", 2000)
-    kit.mkdir()
-    (kit / "last.ckpt.xz").write_bytes(lzma.compress((tmp_path / "k.ckpt").read_bytes()))
-    (kit / "kit.json").write_text(json.dumps({"checkpoint": {"gen_step": 2000}}))
-    args = argparse.Namespace(kit=str(kit), run=str(run))
+def test_resume_starts_from_the_shipped_weights_unless_the_device_has_its_own_checkpoint(gpukit, tmp_path, capsys):
+    run = tmp_path / "runs" / "default-model-gpu"
+    args = argparse.Namespace(run=str(run))
     assert gpukit.cmd_resume(args) == 0
-    assert capsys.readouterr().out.strip() == "2000"
-    assert gpukit.checkpoint_step(run / "checkpoints" / "last.ckpt") == 2000
-    assert _callbacks(run / "checkpoints" / "last.ckpt") == ["ModelCheckpoint"]  # max_time counts from this call
+    assert capsys.readouterr().out.strip() == "0"  # the device script then passes --init_from default
 
     _ckpt(run / "checkpoints" / "last.ckpt", 5400)  # a warm machine: the previous call's checkpoint stays
     assert gpukit.cmd_resume(args) == 0
     assert capsys.readouterr().out.strip() == "5400"
     assert gpukit.checkpoint_step(run / "checkpoints" / "last.ckpt") == 5400
-    assert _callbacks(run / "checkpoints" / "last.ckpt") == ["ModelCheckpoint"]
+    assert _callbacks(run / "checkpoints" / "last.ckpt") == ["ModelCheckpoint"]  # max_time counts from this call
 
 
 def test_metrics_merge_drops_the_replaced_local_rows_and_unions_columns(gpukit, tmp_path):
@@ -176,6 +144,7 @@ def test_collect_installs_a_newer_checkpoint_and_refuses_an_older_one(gpukit, tm
     assert gpukit.checkpoint_step(run / "checkpoints" / "last.ckpt") == 3000
     assert _callbacks(run / "checkpoints" / "last.ckpt") == ["ModelCheckpoint"]
     assert gpukit.checkpoint_step(run / "checkpoints" / "pre-gpu-step0002000.ckpt.bak") == 2000
+    assert not (run / "config.yaml").exists()  # the device's config is only installed into a new run folder
     assert (run / "codec.safetensors").read_bytes() == b"codec"
     assert (run / "csv" / "metrics.csv").read_text().split() == ["gen_step,step", "1950,1949", "2050,2049", "3000,2999"]
     assert json.loads((run / "gpu_runs.jsonl").read_text())["device"] == "test GPU"
@@ -184,3 +153,9 @@ def test_collect_installs_a_newer_checkpoint_and_refuses_an_older_one(gpukit, tm
     with pytest.raises(SystemExit, match="not behind"):
         gpukit.cmd_collect(args)
     assert gpukit.checkpoint_step(run / "checkpoints" / "last.ckpt") == 3000
+
+    (back / "config.yaml").write_text("model: {}\n")  # a new local folder: the run is installed whole
+    fresh = tmp_path / "runs" / "default-model-gpu"
+    assert gpukit.cmd_collect(argparse.Namespace(dir=str(back), run=str(fresh), force=False)) == 0
+    assert gpukit.checkpoint_step(fresh / "checkpoints" / "last.ckpt") == 2500
+    assert (fresh / "config.yaml").read_text() == "model: {}\n" and (fresh / "csv" / "metrics.csv").is_file()
