@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def cell(stat: dict) -> str:
 
 def evaluate(model: str, manifest: Path, out: Path, max_clips: int) -> Path:
     if not out.is_file():
-        tmp = out.with_name(out.stem + ".part.json")
+        tmp = out.with_name(f"{out.stem}.{os.getpid()}-{threading.get_ident()}.part.json")  # never shared
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         proc = subprocess.run([sys.executable, "-m", "neurocodec.cli", "eval", "--model", model, "--data",
                                str(manifest), "--baselines", "none", "--max-clips", str(max_clips), "--json",

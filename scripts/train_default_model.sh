@@ -46,6 +46,13 @@
 # espeak`, 35 synthetic voices, ~9% of the crops), against the 1e-3 run at the same steps (three checkpoints): June
 # +0.000 +- 0.012, fillets_cs_m +0.023 +- 0.007, gcin_3 -0.022 +- 0.009; not adopted.
 #
+# Day 19: the same recipe again from step 91,680 (8,677 steps) beside a run with speed perturbation (`--data.speed_perturb
+# '[0.9, 0.95, 1.0, 1.05, 1.1]'`, 8,601 steps), scored at steps 3,000/5,000/7,000 and the last with
+# scripts/compare_runs.py. Against step 91,680, averaged over the three common checkpoints: the recipe +0.011 +-
+# 0.006 (fillets_cs_m), +0.007 +- 0.011 (gcin_3), +0.002 +- 0.015 (June); speed perturbation - recipe within +-0.01
+# on all three: not adopted. Neither shipped (the recipe's last checkpoint: mean +0.002, fillets_cs_m -0.028 +-
+# 0.010). A second annealing session gains about a tenth of the first: more of this recipe is not where the
+# held-out gap closes. `--trainer.keep_exports true` (below) keeps every checkpoint's codec for such scoring.#
 # Training resumes from runs/default-model-lstm/checkpoints/last.ckpt whenever it exists, so the run can be
 # continued across days; when it stops, ship the result with scripts/ship_default_model.py. Where the run
 # folder is gone (a new machine), continue from the shipped weights instead:
