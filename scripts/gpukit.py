@@ -91,11 +91,12 @@ DOWNLOAD_PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylin
 DEVICE_MAX_GLIBC = (2, 35)  # Ubuntu 24.04 (Python 3.12.3) has 2.39; stay below to be safe
 
 # The corpus travels as the run's own manifest, re-encoded: training files as Ogg Opus at libsndfile's compression
-# level 0.96 (about 18 kbit/s with headers on our corpus; PESQ-WB 3.88 against the originals on 12 training clips,
-# 2026-12-06), where the 2 kbps codec itself reaches 1.4-1.9 on held-out voices, so the coding noise is far below
-# what the model can reproduce. FLAC of the wider corpus (3.6 h of training speech) would take ~180 MB, Debian's
-# own files ~117 MB; both exceed the 64 MiB that travel. Validation crops travel as the exact tensors the CPU run
-# validates on (24-bit FLAC): the device's PESQ curve continues the CPU run's.
+# level 0.96 (about 22 kbit/s over our corpus, the Ogg headers of its many short files included; PESQ-WB 3.9
+# against the originals on 16 training clips, 2026-12-06), where the 2 kbps codec itself reaches 1.4-1.9 on
+# held-out voices, so the coding noise is far below what the model can reproduce. FLAC of the wider corpus (3.6 h
+# of training speech) would take ~180 MB, Debian's own files ~117 MB; both exceed the 64 MiB that travel.
+# Validation crops travel as the exact tensors the CPU run validates on (24-bit FLAC): the device's PESQ curve
+# continues the CPU run's.
 OPUS_LEVEL = 0.96
 
 
@@ -255,7 +256,8 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_corpus(path: Path, config_path: Path, manifest: Path) -> dict:
     """The kit's corpus.tar (written atomically): `manifest.jsonl`, `train/NNNNNN.opus` for every training file
     of `manifest` (mono, the model's rate), `valid/NNN.flac` for every validation crop of the run's config.
-    The device trains on it with `--data.manifest <unpacked>/manifest.jsonl --data.valid_items <crops>`."""
+    The device trains on it with `--data.manifest <unpacked>/manifest.jsonl`: each validation file is exactly one
+    crop long, so the config's own `valid_items` takes them all, in order."""
     import soundfile as sf
     from tqdm import tqdm
 
