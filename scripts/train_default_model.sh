@@ -52,7 +52,9 @@
 # 0.006 (fillets_cs_m), +0.007 +- 0.011 (gcin_3), +0.002 +- 0.015 (June); speed perturbation - recipe within +-0.01
 # on all three: not adopted. Neither shipped (the recipe's last checkpoint: mean +0.002, fillets_cs_m -0.028 +-
 # 0.010). A second annealing session gains about a tenth of the first: more of this recipe is not where the
-# held-out gap closes. `--trainer.keep_exports true` (below) keeps every checkpoint's codec for such scoring.#
+# held-out gap closes. A third run with the mel-loss weight doubled (`--loss.mel 30`) against this recipe at steps
+# 2,000-5,000: +0.009 +- 0.006, +0.005 +- 0.007, -0.013 +- 0.011 (fillets_cs_m, gcin_3, June); not adopted.
+# `--trainer.keep_exports true` (below) keeps every checkpoint's codec for such scoring.#
 # Training resumes from runs/default-model-lstm/checkpoints/last.ckpt whenever it exists, so the run can be
 # continued across days; when it stops, ship the result with scripts/ship_default_model.py. Where the run
 # folder is gone (a new machine), continue from the shipped weights instead:
