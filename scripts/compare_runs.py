@@ -9,7 +9,8 @@ as most changes we try. An A/B is only readable over several checkpoints of each
 An arm is NAME=PATH: a run folder (its `exports/`, written with `--trainer.keep_exports true`) or a glob of codec
 files; a file's step is its `gen_step` metadata. Each file and the reference (`--reference`, default the shipped
 model) are scored with `neurocodec eval` (no baselines) on the first --max-clips clips of every
-`test_<speaker>.jsonl` of the corpus; the results are cached in `<out>/eval/` so a rerun only scores what is new.
+`test_<speaker>.jsonl` of the corpus; the results are cached in `<out>/eval/`, named by the weights' SHA-256 and
+the clip count, so a rerun only scores what is new and a changed file (a new shipped model) is scored again.
 
 Printed and written to `<out>/compare.md`:
 - every checkpoint against the reference: PESQ-WB difference per speaker (mean +- 95% t half-width), and the mean
@@ -57,6 +58,16 @@ def arm_files(spec: str) -> tuple[str, dict[int, Path]]:
             raise SystemExit(f"compare_runs: {f} has no gen_step metadata (not written by training)")
         steps[step] = f
     return name, steps
+
+
+def model_key(model: str) -> str:
+    """What the evaluation cache is keyed by: the weights' SHA-256 (a file, or `default`), else the name."""
+    from neurocodec.codecs.checkpoint import DEFAULT_MODEL_PATH, file_sha256
+
+    path = DEFAULT_MODEL_PATH if model == "default" else Path(model)
+    if path.is_file():
+        return file_sha256(path)[:16]
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in model)
 
 
 def clip_scores(payload: dict) -> dict[str, float]:
@@ -151,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"compare_runs: arm {name} has none of the steps {sorted(wanted)}; it has {sorted(files)}")
     cache = Path(args.out) / "eval"
     cache.mkdir(parents=True, exist_ok=True)
-    ref_tag = Path(args.reference).stem if args.reference.endswith(".safetensors") else args.reference
-    jobs = [("reference", None, args.reference, m, cache / f"reference-{ref_tag}_{s}.json")
+    tag = lambda model: f"{model_key(model)}_n{args.max_clips}"  # noqa: E731
+    jobs = [("reference", None, args.reference, m, cache / f"reference_{tag(args.reference)}_{s}.json")
             for m, s in zip(manifests, speakers)]
-    jobs += [(name, step, str(f), m, cache / f"{name}_step{step}_{s}.json")
+    jobs += [(name, step, str(f), m, cache / f"{name}_step{step}_{tag(str(f))}_{s}.json")
              for name, files in arms.items() for step, f in sorted(files.items()) for m, s in zip(manifests, speakers)]
     from tqdm import tqdm
 

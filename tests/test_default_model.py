@@ -169,11 +169,17 @@ def test_compare_runs_pairs_checkpoints_with_the_reference_and_the_arms_at_commo
     text = (out / "compare.md").read_text()
     assert "| A 2 | +0.000 ± 0.000 | +0.000 |" in text  # the reference against itself
     assert "steps every arm has (4)" in text
-    clips = {name: script.clip_scores(json.loads((out / "eval" / f"{name}_step4_june_wallack.json").read_text()))
-             for name in ("A", "B")}
+    clips = {name: script.clip_scores(json.loads(next((out / "eval").glob(f"{name}_step4_*_june_wallack.json"))
+                                                  .read_text())) for name in ("A", "B")}
     assert len(clips["A"]) == 2
     expected = np.mean([clips["B"][i] - clips["A"][i] for i in clips["A"]])
     row = next(line for line in text.splitlines() if line.startswith("| B - A |"))
     assert row.startswith(f"| B - A | {expected:+.3f} ± ")
+    # the cache is keyed by the weights: other weights under the same arm name and step are scored anew
+    save_codec(build_codec(load_config("grvq_4cb", "tiny")["model"], name="grvq_4cb:tiny").eval(),
+               tmp_path / "b" / "exports" / "codec_step0000004.safetensors", metadata={"gen_step": 4})
+    assert script.main(["--corpus", str(corpus), "--arm", f"B={tmp_path / 'b'}", "--reference", str(reference),
+                        "--max-clips", "2", "--out", str(out)]) == 0
+    assert len(list((out / "eval").glob("B_step4_*_june_wallack.json"))) == 2
     with pytest.raises(SystemExit, match="keep_exports"):
         script.main(["--corpus", str(corpus), "--arm", f"C={tmp_path}", "--out", str(out)])
