@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Bring a device call's result home: checkpoint -> runs/default-model-lstm/checkpoints/last.ckpt (the previous
-# one is kept as pre-gpu-stepN.ckpt.bak), codec.safetensors, metrics.csv rows merged, the call's figures
-# appended to the run's gpu_runs.jsonl (another run: --run runs/NAME). DIR is the `files_at` folder of the run tool's reply.
+# Bring a device call's result home: checkpoint -> runs/default-model-gpu/checkpoints/last.ckpt (another folder:
+# --run runs/NAME; a checkpoint it replaces is kept as pre-gpu-stepN.ckpt.bak), codec.safetensors, config.yaml
+# into a new folder, metrics.csv rows merged, the call's figures appended to the run's gpu_runs.jsonl. DIR is
+# the `files_at` folder of the run tool's reply.
 # Stop a CPU training of the run first (it would overwrite last.ckpt); restart it afterwards.
 #
 #   bash scripts/gpu_collect.sh /work/.device/<...>/files [--force]

@@ -12,8 +12,8 @@
 # The recipe is a CPU run's own resolved config (.gpukit/config.yaml, copied from the run's config.yaml): same
 # network, batch, losses, learning-rate schedule and data options; only the corpus path, max_time, val_every
 # and the progress bar differ. Like a CPU session, the first call fine-tunes the shipped weights (--init_from
-# default; the run's checkpoint does not fit in the 64 MiB beside the corpus). Into $OUT: last.ckpt, metrics.csv, codec.safetensors, summary.json, config.yaml,
-# gpu_run.json (steps/s), train.log.
+# default; the run's checkpoint does not fit in the 64 MiB beside the corpus). Into $OUT: last.ckpt,
+# metrics.csv, codec.safetensors, summary.json, config.yaml, gpu_run.json (steps/s), train.log.
 # Env: PY (python3), OUT, KIT (.gpukit), SITE (/tmp/site), CORPUS (/tmp/corpus), VAL_EVERY (1000 generator
 # steps), TOTAL_S, RESERVE_S; for a dry run on a CPU machine whose python has the packages already:
 # SKIP_WHEELS=1 ALLOW_CPU=1.

@@ -396,6 +396,9 @@ def cmd_build(args) -> int:
     from neurocodec.codecs.checkpoint import file_sha256
 
     kit, run = ROOT / args.kit, ROOT / args.run
+    if not (run / "config.yaml").is_file():
+        raise SystemExit(f"gpukit: no {show(run / 'config.yaml')}: name a run of the recipe whose config the device "
+                         f"should follow, --run runs/NAME")
     ensure_excluded(ROOT, f"/{args.kit.strip('/')}/")
     kit.mkdir(parents=True, exist_ok=True)
 
