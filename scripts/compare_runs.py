@@ -163,22 +163,26 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.out) / "eval"
     cache.mkdir(parents=True, exist_ok=True)
     tag = lambda model: f"{model_key(model)}_n{args.max_clips}"  # noqa: E731
-    jobs = [("reference", None, args.reference, m, cache / f"reference_{tag(args.reference)}_{s}.json")
+    # (arm or None for the reference, step, model, manifest, speaker, cached result)
+    jobs = [(None, None, args.reference, m, s, cache / f"reference_{tag(args.reference)}_{s}.json")
             for m, s in zip(manifests, speakers)]
-    jobs += [(name, step, str(f), m, cache / f"{name}_step{step}_{tag(str(f))}_{s}.json")
+    jobs += [(name, step, str(f), m, s, cache / f"{name}_step{step}_{tag(str(f))}_{s}.json")
              for name, files in arms.items() for step, f in sorted(files.items()) for m, s in zip(manifests, speakers)]
     from tqdm import tqdm
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool, tqdm(total=len(jobs), desc="scoring", unit="eval") as bar:
-        futures = [pool.submit(evaluate, model, manifest, out, args.max_clips) for _, _, model, manifest, out in jobs]
+        futures = [pool.submit(evaluate, model, manifest, out, args.max_clips) for _, _, model, manifest, _, out in jobs]
         for fut in as_completed(futures):
             fut.result()
             bar.update()
     load = lambda path: clip_scores(json.loads(path.read_text()))  # noqa: E731
-    ref_scores = {s: load(j[4]) for s, j in zip(speakers, jobs)}
+    ref_scores: dict[str, dict] = {}
     scores: dict[str, dict[int, dict[str, dict]]] = {name: {} for name in arms}
-    for name, step, _, manifest, out in jobs[len(speakers):]:
-        scores[name].setdefault(step, {})[manifest.stem.removeprefix("test_")] = load(out)
+    for name, step, _, _, speaker, out in jobs:
+        if name is None:
+            ref_scores[speaker] = load(out)
+        else:
+            scores[name].setdefault(step, {})[speaker] = load(out)
     text = report(speakers, args.reference, scores, ref_scores)
     (Path(args.out) / "compare.md").write_text(text, encoding="utf-8")
     print(text)
