@@ -60,6 +60,23 @@ def test_streaming_decode_equals_offline(codec, frames):
     torch.testing.assert_close(decode_streaming(codec, codes, frames), offline, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("frames", [1, 3, 64])
+def test_deeper_dilated_decoder_streams_exactly(frames):
+    """Decoder residual blocks beyond the first (seanet.decoder_residual_layers) are dilated (dilation_base ** j):
+    their longer causal context must carry across frame boundaries."""
+    from neurocodec.codecs.checkpoint import build_codec, prepare_for_inference
+    from neurocodec.config import load_config
+
+    model = load_config("grvq_4cb", "tiny", ["model.seanet.decoder_residual_layers=3", "model.seanet.dilation_base=3"])
+    codec = prepare_for_inference(build_codec(model["model"]), "cpu")
+    with torch.no_grad():  # trained blocks are not the identity: make every weight matter
+        for p in codec.decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    codes = codec.encode(signal(0.8, batch=2))
+    offline = codec.decode(codes)
+    torch.testing.assert_close(decode_streaming(codec, codes, frames), offline, atol=1e-5, rtol=0)
+
+
 def test_batch_of_sessions_with_execution_masks(codec):
     """Sessions start at different times and advance at random: each still gets exactly its offline result."""
     batch, n_frames, f = 3, 12, codec.frame_size

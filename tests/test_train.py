@@ -223,6 +223,51 @@ def test_fine_tune_from_the_default_model(tmp_path):
         main(["--config", "grvq_4cb", "--init_from", "default", "--ckpt_path", str(tmp_path / "x.ckpt")])
 
 
+def test_fine_tune_into_a_deeper_decoder_starts_from_the_files_function(tmp_path):
+    """A decoder with more residual blocks per stage than the file's (`seanet.decoder_residual_layers`): the saved
+    layers move to their new positions, the added blocks start as the identity and still learn; the encoder is
+    untouched, so the codes are the file's too."""
+    from safetensors.torch import load_file
+
+    from neurocodec.codecs.checkpoint import build_codec, load_weights_for_training, save_codec
+
+    shallow = build_codec(config("grvq_4cb").model)
+    torch.manual_seed(3)
+    with torch.no_grad():  # a model unlike a fresh one: what the names must carry over
+        for p in shallow.decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    saved = save_codec(shallow, tmp_path / "shallow.safetensors")
+    deep = build_codec(config("grvq_4cb", "model.seanet.decoder_residual_layers=3", "model.seanet.dilation_base=3").model)
+    n_blocks = 4 * 3  # four decoder stages
+    assert sum(type(m).__name__ == "ResidualBlock" for m in deep.decoder.modules()) == n_blocks
+    load_weights_for_training(deep, str(saved))
+    # decoder layers: conv, LSTM, then per stage ELU, upsampling conv, residual blocks; a final ELU and conv.
+    # Shallow: one block per stage at 4, 7, 10, 13; deep: three, the added ones at 5-6, 10-11, 15-16, 20-21.
+    moved = {0: 0, 1: 1, 3: 3, 4: 4, 6: 8, 7: 9, 9: 13, 10: 14, 12: 18, 13: 19, 15: 23}
+    deep_weights = deep.state_dict()
+    decoder_keys = [k for k in load_file(str(saved)) if k.startswith("decoder.model.")]
+    assert {int(k.split(".")[2]) for k in decoder_keys} == set(moved)
+    for key, value in load_file(str(saved)).items():
+        if key.startswith("decoder.model."):
+            _, _, index, rest = key.split(".", 3)
+            assert torch.equal(deep_weights[f"decoder.model.{moved[int(index)]}.{rest}"], value), key
+        else:
+            assert torch.equal(deep_weights[key], value), key
+    wav = torch.randn(1, 1, 3200) * 0.1
+    shallow.eval(), deep.eval()
+    with torch.no_grad():
+        codes = shallow.encode(wav)
+        assert torch.equal(deep.encode(wav), codes)
+        torch.testing.assert_close(deep.decode(codes), shallow.decode(codes), atol=1e-6, rtol=0)
+    deep.train()
+    deep.decoder(torch.randn(1, deep.config.seanet.dimension, 10)).pow(2).sum().backward()
+    added = deep.decoder.model[5].block[-1].conv.parametrizations.weight.original0
+    assert float(added.grad.abs().max()) > 0  # the new block is not a dead end
+    with pytest.raises(UserError, match="network differs"):  # fewer blocks than the file would drop weights
+        load_weights_for_training(build_codec(config("grvq_4cb").model),
+                                  str(save_codec(deep, tmp_path / "deep.safetensors")))
+
+
 def test_export_loads_and_encodes_with_validation_metrics(tmp_path):
     cfg = config("grvq_4cb", "trainer.max_steps=4", "trainer.val_every=2", "trainer.log_every=1",
                  "data.speaker_balance=1.0", "data.speed_perturb=[0.9, 1.0, 1.1]", "trainer.keep_exports=true")

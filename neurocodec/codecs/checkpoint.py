@@ -141,7 +141,8 @@ def load_weights_for_training(codec: torch.nn.Module, spec: str | Path) -> dict:
     into a freshly built training codec with the same network. Returns the file's metadata.
 
     Only weights move; the run's config (losses, optimiser, quantizer decay, ...) is the run's own. The
-    network must be the same: the default model is `grvq_4cb` with `--preset tiny`."""
+    network must be the same (the default model is `grvq_4cb` with `--preset tiny`) or the file's plus blocks that
+    start as the identity: a bottleneck, more decoder residual blocks per stage."""
     spec = str(spec)
     family = family_of(codec)
     if spec == DEFAULT_MODEL and family.modality != "audio":
@@ -174,6 +175,8 @@ def load_weights_for_training(codec: torch.nn.Module, spec: str | Path) -> dict:
             raise UserError(f"--init_from {spec}: it has model.{key} = {saved}, this config has {mine}; "
                             "fine-tuning keeps the model's settings (for `default`: --config grvq_4cb --preset tiny)")
     own = codec.state_dict()
+    if set(state) != set(own):
+        state = _follow_inserted_blocks(codec, theirs, state)
     grown = _added_identity_blocks(codec, set(state))
     grown_keys = {f"{prefix}.{key}" for prefix, block in grown.items() for key in block.state_dict()}
     missing = sorted(set(own) - set(state) - grown_keys)
@@ -193,9 +196,59 @@ def load_weights_for_training(codec: torch.nn.Module, spec: str | Path) -> dict:
     return meta
 
 
+def _follow_inserted_blocks(codec: torch.nn.Module, saved_config: dict, state: dict) -> dict:
+    """Rename the saved weights where `codec` has blocks inserted between the saved network's layers (a deeper
+    decoder: `seanet.decoder_residual_layers` above the file's): an `nn.Sequential` names its layers by position,
+    so every layer after an insertion moved. Each Sequential of the saved network (built from the file's config)
+    is matched in order against ours; a layer of ours that does not match the next saved one must be a block that
+    can start as the identity, and is skipped. Anything else is left as it is, for the caller's mismatch error."""
+    try:
+        saved = build_codec(saved_config)
+    except (UserError, ConfigError, ValueError, TypeError, KeyError):
+        return state
+    renames: dict[str, str] = {}
+    for name, ours in codec.named_modules():
+        theirs = _submodule_or_none(saved, name)
+        if not isinstance(ours, torch.nn.Sequential) or not isinstance(theirs, torch.nn.Sequential) \
+                or len(ours) <= len(theirs):
+            continue
+        mapping, i = {}, 0
+        for j, layer in enumerate(ours):
+            if i < len(theirs) and _same_layer(layer, theirs[i]):
+                mapping[i], i = j, i + 1
+            elif not hasattr(layer, "start_as_identity"):
+                break
+        if i == len(theirs):
+            prefix = f"{name}." if name else ""
+            renames.update({f"{prefix}{a}.": f"{prefix}{b}." for a, b in mapping.items() if a != b})
+    if not renames:
+        return state
+    out = {}
+    for key, value in state.items():
+        old = next((p for p in renames if key.startswith(p)), None)
+        out[renames[old] + key[len(old):] if old else key] = value
+    return out
+
+
+def _submodule_or_none(module: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _same_layer(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Same kind of layer with the same weight names and shapes (what loading a state dict needs)."""
+    if type(a) is not type(b):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
+
+
 def _added_identity_blocks(codec: torch.nn.Module, saved_keys: set[str]) -> dict[str, torch.nn.Module]:
-    """Blocks of `codec` that the saved weights lack entirely and that can start as the identity (bottlenecks
-    with `start_as_identity`, streaming.py): a model can be fine-tuned with one added, from its own function."""
+    """Blocks of `codec` that the saved weights lack entirely and that can start as the identity (bottlenecks,
+    streaming.py; residual blocks, seanet.py: `start_as_identity`): a model can be fine-tuned with some added,
+    from its own function."""
     found = {}
     for prefix, module in codec.named_modules():
         if not hasattr(module, "start_as_identity") or any(prefix.startswith(p + ".") for p in found):

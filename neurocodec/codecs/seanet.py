@@ -34,6 +34,9 @@ class SEANetConfig:
     strides: list[int] = field(default_factory=lambda: [2, 4, 5, 8])  # encoder order; the decoder reverses it
     dimension: int = 512  # latent channels (what the quantizer sees)
     n_residual_layers: int = 1
+    # Residual blocks per decoder stage; 0: n_residual_layers. The decoder alone can be deeper: the served
+    # encoder's cost stays, and blocks added to a trained model start as the identity (--init_from).
+    decoder_residual_layers: int = 0
     residual_kernel_size: int = 3
     dilation_base: int = 2
     compress: int = 2  # residual blocks' hidden channels = channels / compress
@@ -47,6 +50,9 @@ class SEANetConfig:
     def __post_init__(self) -> None:
         if not self.strides or any(s < 1 for s in self.strides):
             raise ValueError(f"strides must be positive integers, got {self.strides}")
+        if self.n_residual_layers < 0 or self.decoder_residual_layers < 0:
+            raise ValueError(f"residual layer counts must be >= 0, got n_residual_layers={self.n_residual_layers}, "
+                             f"decoder_residual_layers={self.decoder_residual_layers}")
         if self.input_highpass_hz < 0:
             raise ValueError(f"input_highpass_hz must be 0 (none) or a cutoff in Hz, got {self.input_highpass_hz}")
 
@@ -76,6 +82,17 @@ class ResidualBlock(StreamingContainer):
             nn.ELU(),
             StreamingConv1d(hidden, channels, 1, norm=norm),
         )
+
+    def start_as_identity(self) -> None:
+        """Pass the input through unchanged, still trainable: the branch's last conv gets zero weight (weight
+        norm's magnitude g = 0, its direction kept, so the gradient reaches g at once) and zero bias."""
+        last = self.block[-1].conv
+        with torch.no_grad():
+            if hasattr(last, "parametrizations"):
+                last.parametrizations.weight.original0.zero_()
+            else:
+                last.weight.zero_()
+            last.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Causal stride-1 convs emit exactly as many samples as they receive, so the skip lines up in
@@ -120,7 +137,7 @@ class SEANetDecoder(StreamingContainer):
         for stride in reversed(c.strides):
             layers += [nn.ELU(), StreamingConvTranspose1d(ch, ch // 2, kernel_size=2 * stride, stride=stride, norm=c.norm)]
             ch //= 2
-            for j in range(c.n_residual_layers):
+            for j in range(c.decoder_residual_layers or c.n_residual_layers):
                 layers.append(ResidualBlock(ch, c.residual_kernel_size, c.dilation_base ** j, c.compress, c.norm))
         layers += [nn.ELU(), StreamingConv1d(ch, 1, c.last_kernel_size, norm=c.norm)]
         self.model = nn.Sequential(*layers)
