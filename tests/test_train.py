@@ -231,7 +231,7 @@ def test_fine_tune_into_a_deeper_decoder_starts_from_the_files_function(tmp_path
 
     from neurocodec.codecs.checkpoint import build_codec, load_weights_for_training, save_codec
 
-    shallow = build_codec(config("grvq_4cb").model)
+    shallow = build_codec(config("grvq_4cb", "model.seanet.decoder_residual_layers=1").model)
     torch.manual_seed(3)
     with torch.no_grad():  # a model unlike a fresh one: what the names must carry over
         for p in shallow.decoder.parameters():
@@ -263,9 +263,13 @@ def test_fine_tune_into_a_deeper_decoder_starts_from_the_files_function(tmp_path
     deep.decoder(torch.randn(1, deep.config.seanet.dimension, 10)).pow(2).sum().backward()
     added = deep.decoder.model[5].block[-1].conv.parametrizations.weight.original0
     assert float(added.grad.abs().max()) > 0  # the new block is not a dead end
+    deep_file = save_codec(deep, tmp_path / "deep.safetensors")
+    with pytest.raises(UserError, match="model.seanet.dilation_base = 3, this config has 2"):  # same shapes, other dilations
+        load_weights_for_training(build_codec(config("grvq_4cb", "model.seanet.decoder_residual_layers=3",
+                                                     "model.seanet.dilation_base=2").model), str(deep_file))
     with pytest.raises(UserError, match="network differs"):  # fewer blocks than the file would drop weights
-        load_weights_for_training(build_codec(config("grvq_4cb").model),
-                                  str(save_codec(deep, tmp_path / "deep.safetensors")))
+        load_weights_for_training(build_codec(config("grvq_4cb", "model.seanet.decoder_residual_layers=1",
+                                                     "model.seanet.dilation_base=3").model), str(deep_file))
 
 
 def test_export_loads_and_encodes_with_validation_metrics(tmp_path):

@@ -167,6 +167,9 @@ def load_weights_for_training(codec: torch.nn.Module, spec: str | Path) -> dict:
     keys = ("family", "sample_rate", "quantizer.kind")
     if ours["quantizer"]["kind"] in ("fsq", "rfsq"):
         keys += ("quantizer.levels",)
+    saved_seanet = theirs.get("seanet") or {}
+    if max(saved_seanet.get("n_residual_layers", 1), saved_seanet.get("decoder_residual_layers", 0)) > 1:
+        keys += ("seanet.dilation_base",)  # the file's second and later residual blocks were trained at its dilations
     for key in keys:
         section, _, field = key.rpartition(".")
         mine = (ours.get(section, {}) if section else ours).get(field)
