@@ -54,7 +54,14 @@
 # 0.010). A second annealing session gains about a tenth of the first: more of this recipe is not where the
 # held-out gap closes. A third run with the mel-loss weight doubled (`--loss.mel 30`) against this recipe at steps
 # 2,000-5,000: +0.009 +- 0.006, +0.005 +- 0.007, -0.013 +- 0.011 (fillets_cs_m, gcin_3, June); not adopted.
-# `--trainer.keep_exports true` (below) keeps every checkpoint's codec for such scoring.#
+# `--trainer.keep_exports true` (below) keeps every checkpoint's codec for such scoring.
+#
+# Day 20: that recipe run resumed exactly to 13,734 steps (140 minutes in all) scored above step 91,680 at every
+# checkpoint from 8,000 (+0.006 to +0.027 over the speakers); over 8,000..13,000 and its last: fillets_cs_m +0.018
+# +- 0.005, gcin_3 +0.011 +- 0.008, June +0.020 +- 0.013. Shipped on day 21 as step 105,414 (a rule declared before its
+# later checkpoints were scored). Beside it, decoders grown to three residual blocks per stage
+# (`--model.seanet.decoder_residual_layers 3`, dilations 1/3/9 or 1/2/4) stayed at or below it; not adopted.
+#
 # Training resumes from runs/default-model-lstm/checkpoints/last.ckpt whenever it exists, so the run can be
 # continued across days; when it stops, ship the result with scripts/ship_default_model.py. Where the run
 # folder is gone (a new machine), continue from the shipped weights instead:
