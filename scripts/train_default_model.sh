@@ -65,8 +65,8 @@
 # Day 21: the recipe again from step 105,414 (7,285 steps): +0.004 on average over its checkpoints 2,000..7,285
 # (fillets_cs_m -0.005, gcin_3 +0.006, June +0.011); not shipped. The annealed sessions' last checkpoints gained
 # +0.034, +0.017, +0.012 on their starting points: CPU sessions of this recipe have run their course. A wider MPD (--disc.channels 8 --disc.max_channels
-# 128 --disc.periods '[2, 3, 5, 7, 11]') beside it: +0.009 per step over steps 2,000/3,000 at half the steps/s; not
-# adopted.
+# 128 --disc.periods '[2, 3, 5, 7, 11]') beside it: +0.009 per step over steps 2,000/3,000 at half the steps/s, and
+# -0.005 over 2,000-5,000 once resumed; not adopted.
 #
 # Training resumes from runs/default-model-lstm/checkpoints/last.ckpt whenever it exists, so the run can be
 # continued across days; when it stops, ship the result with scripts/ship_default_model.py. Where the run
