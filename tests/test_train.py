@@ -161,6 +161,41 @@ def test_resume_with_other_loss_resolutions(tmp_path):
     assert 0 < moved < 0.5, float(moved)
 
 
+class MetricRecorder(L.Callback):
+    def __init__(self, name: str) -> None:
+        self.name, self.values = name, []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.values.append(trainer.callback_metrics.get(self.name))
+
+
+def test_pesq_loss_switches_on_and_off_across_resumes(tmp_path):
+    """loss.pesq > 0 (or a stage's pesq weight) adds the differentiable PESQ term to the generator's loss; a run
+    resumes with it switched on or off, since its filter constants come from the config like the mel loss's."""
+    run = tmp_path / "run"
+    crops = ("data.segment_seconds=0.4", "data.valid_segment_seconds=0.4")  # PESQ averages over 0.34 s at least
+    _, plain, _ = fit(config("grvq_4cb", "trainer.max_steps=2", *crops), run)
+    assert plain.pesq_loss is None
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    recorder = MetricRecorder("train/pesq")
+    _, with_pesq, _ = fit(config("grvq_4cb", "trainer.max_steps=4", "loss.pesq=1.0", *crops), run, ckpt_path=ckpt,
+                          callbacks=[recorder])
+    assert int(with_pesq.gen_step) == 4 and len(recorder.values) == 2
+    # a tiny untrained codec is far from its input: PESQ's disturbance is large and finite
+    assert all(v is not None and 1.0 < float(v) < 50.0 for v in recorder.values), recorder.values
+    assert any(k.startswith("pesq_loss.") for k in _state(Path(ckpt))["state_dict"])
+    _, off_again, _ = fit(config("grvq_4cb", "trainer.max_steps=5", *crops), run, ckpt_path=ckpt)
+    assert int(off_again.gen_step) == 5 and off_again.pesq_loss is None
+    # a stage that asks for it builds it, and the loss is only computed in that stage
+    staged = config("grvq_4cb", "trainer.max_steps=2", "stages=[{until_step: 1}, {loss: {pesq: 2.0}}]", *crops)
+    recorder = MetricRecorder("train/pesq")
+    _, module, _ = fit(staged, tmp_path / "staged", callbacks=[recorder])
+    assert module.pesq_loss is not None
+    assert recorder.values[0] is None and recorder.values[1] is not None
+    with pytest.raises(ConfigError, match="loss.pesq needs training crops of at least 0.34 s"):
+        config("grvq_4cb", "loss.pesq=1.0")  # FAST's 0.32 s crops
+
+
 def test_fine_tune_from_the_default_model(tmp_path):
     """--init_from default: a new run (step 0) whose codec, and its weight EMA, start from the shipped weights."""
     import yaml

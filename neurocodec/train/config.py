@@ -251,6 +251,17 @@ class TrainConfig:
         if any(b <= a for a, b in zip(bounded, bounded[1:])):
             raise ConfigError(f"stage until_step values must increase, got {bounded}")
         self.stages = stages
+        if self.uses_pesq_loss and self.data.segment_seconds < PESQ_MIN_SECONDS:
+            raise ConfigError(f"loss.pesq needs training crops of at least {PESQ_MIN_SECONDS} s (PESQ averages over "
+                              f"windows of 20 frames of 16 ms); data.segment_seconds is {self.data.segment_seconds}")
+
+    @property
+    def uses_pesq_loss(self) -> bool:
+        """Whether the PESQ loss has weight anywhere in training (the `loss:` section or a stage)."""
+        return self.loss.pesq > 0 or any(stage.loss.get("pesq", 0) > 0 for stage in self.stages)
+
+
+PESQ_MIN_SECONDS = 0.34  # 19 hops of 256 + one window of 512 samples at 16 kHz: PESQ's 20-frame averaging span
 
 
 # -- multi-stage training: what applies at a given generator step -----------------------------------------

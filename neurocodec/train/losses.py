@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 from torch import nn
+from torch_pesq import PesqLoss
 
 
 @dataclass
@@ -25,6 +26,7 @@ class LossConfig:
     quantizer: float = 1.0  # CodecOutput.quantizer_loss (commitment etc.)
     semantic: float = 1.0  # semanticodec: cross-entropy of the student's semantic-token prediction (CodecOutput.aux_losses)
     distill: float = 1.0  # xy_single: 1 - cosine(projected semantic branch, teacher features) (CodecOutput.aux_losses)
+    pesq: float = 0.0  # PESQ's disturbance terms, differentiable (torch-pesq); computed only while its weight is > 0
     adversarial_kind: str = "hinge"  # hinge | lsgan
     mel_windows: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512, 1024, 2048])
     mel_bins: list[int] = field(default_factory=lambda: [5, 10, 20, 40, 80, 160, 320])
@@ -35,7 +37,7 @@ class LossConfig:
             raise ValueError(f"adversarial_kind must be hinge or lsgan, got {self.adversarial_kind!r}")
         if len(self.mel_windows) != len(self.mel_bins):
             raise ValueError("mel_windows and mel_bins must have the same length")
-        for name in ("mel", "stft", "waveform", "feature", "adversarial", "quantizer"):
+        for name in ("mel", "stft", "waveform", "feature", "adversarial", "quantizer", "pesq"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss weight {name} must be >= 0")
 
@@ -77,6 +79,34 @@ class MultiScaleSTFTLoss(nn.Module):
             convergence = torch.linalg.norm(sr - sf) / torch.linalg.norm(sr).clamp_min(1e-7)
             loss = loss + convergence + F.l1_loss(sf.log(), sr.log())
         return loss / len(self.n_ffts)
+
+
+class DifferentiablePesqLoss(nn.Module):
+    """PESQ (ITU-T P.862) as a loss: torch-pesq's 0.1 * d_sym + 0.0309 * d_asym, the disturbance terms that PESQ
+    subtracts from 4.5 before its MOS mapping, per clip, averaged over the batch. Lower is better; it moves with
+    the real PESQ-WB of our decoded speech (Pearson 0.96 over 36 held-out clips of the default model, day 22).
+
+    The library has no time alignment (our output is sample-aligned with its input, so none is needed) and
+    divides by each clip's level: clips whose reference or output is digitally silent are left out, and a batch
+    of only those gives 0. The metric runs in fp32, outside autocast: its IIR filters and powers of 10**7 do not
+    survive bf16.
+    """
+
+    def __init__(self, sample_rate: int, silence_rms: float = 1e-5) -> None:
+        super().__init__()
+        # The library keeps some band constants in float64, which would make the loss (and the total) float64;
+        # in float32 it gives the same values to 1e-6.
+        self.pesq = PesqLoss(1.0, sample_rate=sample_rate).float()
+        self.silence_rms = silence_rms
+
+    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=fake.device.type, enabled=False):
+            fake, real = fake.float().flatten(1), real.float().flatten(1)  # [B, 1, T] mono -> [B, T]
+            rms = lambda x: x.square().mean(dim=1).sqrt()  # noqa: E731
+            keep = (rms(real) > self.silence_rms) & (rms(fake) > self.silence_rms)
+            if not bool(keep.any()):
+                return fake.sum() * 0.0
+            return self.pesq(real[keep], fake[keep]).mean()
 
 
 def feature_matching_loss(fmaps_real: list[list[torch.Tensor]], fmaps_fake: list[list[torch.Tensor]]) -> torch.Tensor:
