@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/compare_runs.py --corpus data/debian-more --arm A=runs/x-a --arm B=runs/x-b
     .venv/bin/python scripts/compare_runs.py --corpus DIR --arm A='snaps/a_*.safetensors' --steps 3000,4000 --jobs 2
+    .venv/bin/python scripts/compare_runs.py --corpus DIR --arm A=runs/x-a --metric stoi   # from the same cache
 
 Why: one checkpoint of a GAN-trained codec differs from the next by +-0.03-0.05 PESQ-WB on the same clips, as much
 as most changes we try. An A/B is only readable over several checkpoints of each arm, at the same steps.
@@ -12,7 +13,11 @@ model) are scored with `neurocodec eval` (no baselines) on the first --max-clips
 `test_<speaker>.jsonl` of the corpus; the results are cached in `<out>/eval/`, named by the weights' SHA-256 and
 the clip count, so a rerun only scores what is new and a changed file (a new shipped model) is scored again.
 
-Printed and written to `<out>/compare.md`:
+`--metric` picks the per-clip score that is compared (default PESQ-WB; also STOI, mel distance, SI-SDR, PESQ-NB):
+every one is in the cached evaluations, so another metric costs no new scoring. A loss that targets one metric
+(loss.pesq) is checked on the others this way.
+
+Printed and written to `<out>/compare.md` (`compare_<metric>.md` for another metric):
 - every checkpoint against the reference: PESQ-WB difference per speaker (mean +- 95% t half-width), and the mean
   over speakers;
 - per arm, over the steps that every arm has: each clip's difference averaged over those checkpoints, then its
@@ -70,13 +75,17 @@ def model_key(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in model)
 
 
-def clip_scores(payload: dict) -> dict[str, float]:
-    """{clip id: PESQ-WB} of the model row of a `neurocodec eval --json` result."""
+METRICS = {"pesq": "PESQ-WB", "stoi": "STOI", "mel_distance": "mel distance (lower is better)",
+           "si_sdr": "SI-SDR (dB)", "pesq_nb": "PESQ-NB"}  # per-clip fields of `neurocodec eval --json`
+
+
+def clip_scores(payload: dict, metric: str = "pesq") -> dict[str, float]:
+    """{clip id: score} of the model row of a `neurocodec eval --json` result (`metric`: a key of METRICS)."""
     out = {}
     for clip in payload["clips"]:
         rows = [v for k, v in clip.get("systems", {}).items() if k.startswith("ours")]
-        if rows and rows[0].get("pesq") is not None:
-            out[clip["id"]] = rows[0]["pesq"]
+        if rows and rows[0].get(metric) is not None:
+            out[clip["id"]] = rows[0][metric]
     return out
 
 
@@ -107,11 +116,11 @@ def evaluate(model: str, manifest: Path, out: Path, max_clips: int) -> Path:
 
 
 def report(speakers: list[str], reference: str, arms: dict[str, dict[int, dict[str, dict]]],
-           ref_scores: dict[str, dict]) -> str:
-    """The Markdown report from the scores: arms[name][step][speaker] = {clip: pesq}."""
+           ref_scores: dict[str, dict], metric: str = "pesq") -> str:
+    """The Markdown report from the scores: arms[name][step][speaker] = {clip: score}."""
     head = "| " + " | ".join(speakers) + " | mean over speakers |"
     rule = "|---" * (len(speakers) + 2) + "|"
-    lines = [f"# Checkpoints against {reference} (PESQ-WB, paired per clip)", "",
+    lines = [f"# Checkpoints against {reference} ({METRICS[metric]}, paired per clip)", "",
              "Each cell: mean ± half-width of the 95% t-interval over the clips.", "",
              "## Every checkpoint minus the reference", "", "| arm, step " + head, rule]
     for name, steps in arms.items():
@@ -145,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-clips", type=int, default=100)
     p.add_argument("--jobs", type=int, default=1, help="evaluations at once (one CPU thread each)")
     p.add_argument("--out", default="runs/compare", help="where eval/ (the cache) and compare.md go")
+    p.add_argument("--metric", default="pesq", choices=sorted(METRICS), help="the per-clip score compared")
     args = p.parse_args(argv)
 
     manifests = sorted(Path(args.corpus).glob("test_*.jsonl"))
@@ -175,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for fut in as_completed(futures):
             fut.result()
             bar.update()
-    load = lambda path: clip_scores(json.loads(path.read_text()))  # noqa: E731
+    load = lambda path: clip_scores(json.loads(path.read_text()), args.metric)  # noqa: E731
     ref_scores: dict[str, dict] = {}
     scores: dict[str, dict[int, dict[str, dict]]] = {name: {} for name in arms}
     for name, step, _, _, speaker, out in jobs:
@@ -183,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             ref_scores[speaker] = load(out)
         else:
             scores[name].setdefault(step, {})[speaker] = load(out)
-    text = report(speakers, args.reference, scores, ref_scores)
-    (Path(args.out) / "compare.md").write_text(text, encoding="utf-8")
+    text = report(speakers, args.reference, scores, ref_scores, args.metric)
+    name = "compare.md" if args.metric == "pesq" else f"compare_{args.metric}.md"
+    (Path(args.out) / name).write_text(text, encoding="utf-8")
     print(text)
     return 0
 

@@ -175,6 +175,18 @@ def test_compare_runs_pairs_checkpoints_with_the_reference_and_the_arms_at_commo
     expected = np.mean([clips["B"][i] - clips["A"][i] for i in clips["A"]])
     row = next(line for line in text.splitlines() if line.startswith("| B - A |"))
     assert row.startswith(f"| B - A | {expected:+.3f} ± ")
+    # another metric comes from the same cached evaluations: nothing new is scored
+    cached = sorted((out / "eval").iterdir())
+    assert script.main(["--corpus", str(corpus), "--arm", f"A={tmp_path / 'a'}", "--arm", f"B={tmp_path / 'b'}",
+                        "--reference", str(reference), "--max-clips", "2", "--out", str(out), "--metric", "stoi"]) == 0
+    assert sorted((out / "eval").iterdir()) == cached
+    stoi = {name: script.clip_scores(json.loads(next((out / "eval").glob(f"{name}_step4_*_june_wallack.json"))
+                                                .read_text()), "stoi") for name in ("A", "B")}
+    assert all(0 < v <= 1 for v in stoi["A"].values()) and stoi["A"] != clips["A"]
+    text = (out / "compare_stoi.md").read_text()
+    assert "(STOI, paired per clip)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| B - A |"))
+    assert row.startswith(f"| B - A | {np.mean([stoi['B'][i] - stoi['A'][i] for i in stoi['A']]):+.3f} ± ")
     # the cache is keyed by the weights: other weights under the same arm name and step are scored anew
     save_codec(build_codec(load_config("grvq_4cb", "tiny")["model"], name="grvq_4cb:tiny").eval(),
                tmp_path / "b" / "exports" / "codec_step0000004.safetensors", metadata={"gen_step": 4})
