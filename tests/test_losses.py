@@ -70,7 +70,7 @@ def test_pesq_loss_leaves_silent_clips_out_and_keeps_gradients_finite(speech):
     assert float(nothing.detach()) == 0.0 and torch.isfinite(silent.grad).all()
 
 
-def test_pesq_loss_runs_in_fp32_under_bf16_autocast(speech):
+def test_pesq_loss_runs_outside_bf16_autocast(speech):
     loss = DifferentiablePesqLoss(16000)
     noisy = speech + 0.01 * torch.randn_like(speech)
     expected = loss(noisy, speech)
@@ -83,3 +83,24 @@ def test_pesq_loss_runs_in_fp32_under_bf16_autocast(speech):
 def test_a_negative_pesq_weight_is_refused():
     with pytest.raises(ValueError, match="pesq must be >= 0"):
         LossConfig(pesq=-1.0)
+
+
+def test_a_clip_whose_pesq_value_or_gradient_is_not_finite_is_left_out_of_the_step(speech, monkeypatch):
+    """One odd crop must not put NaN into the weights: its clip is dropped (value) or its gradient zeroed whole,
+    the others train on, and the clips are counted."""
+    loss = DifferentiablePesqLoss(16000)
+
+    def stand_in(ref, deg):  # clip 1 is fake == real: sqrt at 0, NaN gradient; clip 2's value is NaN
+        return (deg - ref).square().sum(dim=1).sqrt() + torch.tensor([0.0, 0.0, float("nan")], dtype=deg.dtype)
+
+    monkeypatch.setattr(loss.pesq, "forward", stand_in)
+    real = torch.cat([speech, speech, speech]).unsqueeze(1)
+    fake = (real + torch.cat([0.01 * torch.randn_like(speech), torch.zeros_like(speech), 0.02 * torch.ones_like(speech)])
+            .unsqueeze(1)).requires_grad_()
+    value = loss(fake, real)
+    expected = (fake[0] - real[0]).double().square().sum().sqrt() / 2  # clips 0 and 1 (whose value is 0)
+    assert float(value) == pytest.approx(float(expected), rel=1e-5)
+    value.backward()
+    assert torch.isfinite(fake.grad).all()
+    assert fake.grad[0].abs().sum() > 0 and fake.grad[1:].abs().sum() == 0
+    assert loss.bad_clips == 2

@@ -70,7 +70,7 @@ class CodecTrainingModule(L.LightningModule):
         loss = config.loss
         self.mel_loss = MultiResolutionMelLoss(codec.sample_rate, loss.mel_windows, loss.mel_bins)
         self.stft_loss = MultiScaleSTFTLoss(loss.stft_n_ffts)
-        # Built only when some stage gives it weight: it costs ~0.09 s per batch of 16 x 1 s on one CPU thread.
+        # Built only when some stage gives it weight: it costs ~0.15 s per batch of 16 x 1 s on one CPU thread.
         self.pesq_loss = DifferentiablePesqLoss(codec.sample_rate) if config.uses_pesq_loss else None
         # Only the decoder is averaged. The EMA codebooks track the LIVE encoder's output; an averaged
         # encoder lags behind it, so its latents fall on a few codes (validation usage dropped to 1-10%
@@ -209,6 +209,8 @@ class CodecTrainingModule(L.LightningModule):
 
         logs.update({f"train/{k}": v.detach() for k, v in losses.items()})
         logs["train/total"] = total.detach()
+        if self.pesq_loss is not None:
+            logs["train/pesq_bad_clips"] = torch.tensor(float(self.pesq_loss.bad_clips))  # since this process started
         logs["train/lr"] = torch.tensor(opt_g.param_groups[0]["lr"])
         logs.update({f"train/{k}": v.float() for k, v in out.metrics.items()})
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=real.shape[0])
