@@ -338,3 +338,20 @@ def test_the_default_model_is_described_as_the_trained_checkpoint_it_is():
     assert described["checkpoint_sha256"] == file_sha256(DEFAULT_MODEL_PATH)
     assert int(described["checkpoint_metadata"]["total_steps"]) > 0
     assert model_description(load_codec("grvq_4cb:tiny"), "grvq_4cb:tiny")["trained"] is False
+
+
+def test_spectrogram_figure_draws_the_panels_it_is_given(tmp_path):
+    """plot_spectrograms: by default original / ours / Opus from an eval example; with `panels`, one row per given
+    signal (several models on one clip), so the figure grows with them."""
+    from PIL import Image
+
+    from neurocodec.eval.plots import plot_spectrograms
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal(8000).astype(np.float32) * 0.1
+    example = {"clip": "c", "sample_rate": 16000, "reference": ref, "decoded": {"ours K=4": ref * 0.5}}
+    two = plot_spectrograms(example, tmp_path / "two.png")
+    four = plot_spectrograms(example, tmp_path / "four.png",
+                             panels=[(f"model {i}", ref * (i + 1) / 4) for i in range(4)])
+    h2, h4 = Image.open(two).size[1], Image.open(four).size[1]
+    assert h4 > 1.6 * h2, (h2, h4)

@@ -70,11 +70,13 @@ def _choose_panels(example: dict) -> list[tuple[str, np.ndarray]]:
     return panels
 
 
-def plot_spectrograms(example: dict | None, path: str | Path) -> Path | None:
-    """Original / ours / Opus log-magnitude spectrograms of one clip on one colour scale."""
+def plot_spectrograms(example: dict | None, path: str | Path,
+                      panels: list[tuple[str, np.ndarray]] | None = None) -> Path | None:
+    """Original / ours / Opus log-magnitude spectrograms of one clip on one colour scale (`panels`: other
+    (title, signal) rows instead, e.g. several models on the same clip)."""
     if not example:
         return None
-    panels = _choose_panels(example)
+    panels = panels or _choose_panels(example)
     sr = example["sample_rate"]
     n_fft, hop = 512 if sr >= 16000 else 256, 128 if sr >= 16000 else 64
     window = np.hanning(n_fft)
