@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 from torch import nn
-from torch_pesq import PesqLoss
 
 
 @dataclass
@@ -96,6 +95,9 @@ class DifferentiablePesqLoss(nn.Module):
 
     def __init__(self, sample_rate: int, silence_rms: float = 1e-5) -> None:
         super().__init__()
+        # Imported here: runs without loss.pesq (and the GPU kit's device, whose wheels list is short) never need it.
+        from torch_pesq import PesqLoss
+
         self.pesq = PesqLoss(1.0, sample_rate=sample_rate).double()
         self.silence_rms = silence_rms
         self.bad_clips = 0  # clips left out because their PESQ value or gradient was not finite, since construction
