@@ -57,6 +57,9 @@ KIT_PACKAGES = {
     "pycparser": "cffi",
     "pesq": "validation PESQ (no binary wheel on PyPI: built here with CPython 3.12)",
     "pystoi": "validation STOI",
+    "torch-pesq": "the recipe's PESQ loss (loss.pesq, day 22)",
+    "torchtyping": "torch-pesq",
+    "typeguard": "torchtyping (< 3)",
 }
 # The device image's Python packages (docs/default_model/GPU.md), with the versions that were read there.
 DEVICE_PACKAGES = set("""

@@ -68,6 +68,11 @@
 # 128 --disc.periods '[2, 3, 5, 7, 11]') beside it: +0.009 per step over steps 2,000/3,000 at half the steps/s, and
 # -0.005 over 2,000-5,000 once resumed; not adopted.
 #
+# Day 22: PESQ in the loss (`--loss.pesq 1`, below). From step 105,414, 6,016 steps: against step 105,414 fillets_cs_m
+# +0.029 +- 0.010, gcin_3 +0.163 +- 0.017, June +0.147 +- 0.022, STOI within 0.002, mel distance within 1%; shipped
+# as step 111,430. Weight 0.3: +0.068 on average; weight 3: +0.156 but STOI -0.006, mel distance +6% and noisier
+# pauses (PESQ leaves silent frames out), so not more than 1.
+#
 # Training resumes from runs/default-model-lstm/checkpoints/last.ckpt whenever it exists, so the run can be
 # continued across days; when it stops, ship the result with scripts/ship_default_model.py. Where the run
 # folder is gone (a new machine), continue from the shipped weights instead:
@@ -122,4 +127,5 @@ exec "$PY" train/fit.py --config grvq_4cb.yaml --preset tiny \
     --disc.kinds '[mpd]' \
     --optim.ema_decay 0.999 \
     --optim.lr 3e-4 --optim.disc_lr 3e-4 --optim.lr_gamma 0.99974 \
+    --loss.pesq 1 \
     "${resume[@]}" "$@"
