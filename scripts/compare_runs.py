@@ -185,7 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         for fut in as_completed(futures):
             fut.result()
             bar.update()
-    load = lambda path: clip_scores(json.loads(path.read_text()), args.metric)  # noqa: E731
+    def load(path: Path) -> dict[str, float]:
+        payload = json.loads(path.read_text())
+        scores = clip_scores(payload, args.metric)
+        if not scores:  # e.g. a checkpoint whose weights went NaN: every clip failed
+            errors = payload.get("errors") or [{"error": f"no clip has {args.metric}"}]
+            raise SystemExit(f"compare_runs: {path.name}: no clip was scored ({len(payload.get('errors', []))} "
+                             f"errors; first: {errors[0]['error']}); remove the file to score it again")
+        return scores
+
     ref_scores: dict[str, dict] = {}
     scores: dict[str, dict[int, dict[str, dict]]] = {name: {} for name in arms}
     for name, step, _, _, speaker, out in jobs:

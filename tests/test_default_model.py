@@ -193,5 +193,15 @@ def test_compare_runs_pairs_checkpoints_with_the_reference_and_the_arms_at_commo
     assert script.main(["--corpus", str(corpus), "--arm", f"B={tmp_path / 'b'}", "--reference", str(reference),
                         "--max-clips", "2", "--out", str(out)]) == 0
     assert len(list((out / "eval").glob("B_step4_*_june_wallack.json"))) == 2
+    # a checkpoint whose every clip failed (weights gone NaN) is named, not turned into a crash in the report
+    broken = next((out / "eval").glob("B_step4_*_june_wallack.json"))
+    payload = json.loads(broken.read_text())
+    nan_error = "ValueError: cannot convert float NaN to integer"
+    payload["errors"] = [{"clip": c["id"], "error": nan_error} for c in payload["clips"]]
+    payload["clips"] = [{**c, "systems": {}} for c in payload["clips"]]
+    broken.write_text(json.dumps(payload))
+    with pytest.raises(SystemExit, match="no clip was scored .2 errors; first: ValueError: cannot convert float NaN"):
+        script.main(["--corpus", str(corpus), "--arm", f"B={tmp_path / 'b'}", "--reference", str(reference),
+                     "--max-clips", "2", "--out", str(out)])
     with pytest.raises(SystemExit, match="keep_exports"):
         script.main(["--corpus", str(corpus), "--arm", f"C={tmp_path}", "--out", str(out)])
