@@ -104,3 +104,19 @@ def test_a_clip_whose_pesq_value_or_gradient_is_not_finite_is_left_out_of_the_st
     assert torch.isfinite(fake.grad).all()
     assert fake.grad[0].abs().sum() > 0 and fake.grad[1:].abs().sum() == 0
     assert loss.bad_clips == 2
+
+
+def test_a_crop_that_ends_in_digital_silence_trains_without_being_dropped(speech):
+    """A crop at the end of an utterance: half speech, half exact zeros. PESQ's disturbance is 0 in the silent
+    windows, and in float32 the 6th powers of its 1e-20 floor underflow to a NaN gradient; the loss runs in float64
+    so that such clips train instead of being dropped by the guard."""
+    loss = DifferentiablePesqLoss(16000)
+    real = torch.cat([speech[:, :16000], torch.zeros(1, 16000)], dim=1)
+    fake = (real + torch.cat([0.01 * torch.randn(1, 16000), torch.zeros(1, 16000)], dim=1)).requires_grad_()
+    loss(fake.unsqueeze(1), real.unsqueeze(1)).backward()
+    assert loss.bad_clips == 0
+    assert torch.isfinite(fake.grad).all() and fake.grad[:, :16000].abs().sum() > 0
+    # the same clip through the library in float32 is what went wrong
+    fake32 = fake.detach().clone().requires_grad_()
+    loss.pesq.float()(real, fake32).sum().backward()
+    assert not torch.isfinite(fake32.grad).all()
