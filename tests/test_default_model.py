@@ -194,7 +194,8 @@ def test_compare_runs_pairs_checkpoints_with_the_reference_and_the_arms_at_commo
                         "--max-clips", "2", "--out", str(out)]) == 0
     assert len(list((out / "eval").glob("B_step4_*_june_wallack.json"))) == 2
     # a checkpoint whose every clip failed (weights gone NaN) is named, not turned into a crash in the report
-    broken = next((out / "eval").glob("B_step4_*_june_wallack.json"))
+    current = script.model_key(str(tmp_path / "b" / "exports" / "codec_step0000004.safetensors"))
+    broken = out / "eval" / f"B_step4_{current}_n2_june_wallack.json"  # the file of B's weights now, not the old one
     payload = json.loads(broken.read_text())
     nan_error = "ValueError: cannot convert float NaN to integer"
     payload["errors"] = [{"clip": c["id"], "error": nan_error} for c in payload["clips"]]
