@@ -67,12 +67,23 @@ class FixedBatchData(CodecDataModule):
         return torch.utils.data.DataLoader(_Repeat(batch), batch_size=None, shuffle=False, num_workers=0)
 
 
-class MelRecorder(L.Callback):
-    def __init__(self) -> None:
-        self.mel: list[float] = []
+class MetricRecorder(L.Callback):
+    """One logged training metric after every step (None where the step did not log it)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.values = name, []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.mel.append(float(trainer.callback_metrics["train/mel"]))
+        self.values.append(trainer.callback_metrics.get(self.name))
+
+
+class MelRecorder(MetricRecorder):
+    def __init__(self) -> None:
+        super().__init__("train/mel")
+
+    @property
+    def mel(self) -> list[float]:
+        return [float(v) for v in self.values]
 
 
 def fit(cfg, run_dir, ckpt_path=None, loggers=False, callbacks=(), init_from=None):
@@ -159,14 +170,6 @@ def test_resume_with_other_loss_resolutions(tmp_path):
     name = "codec.decoder.model.0.conv.parametrizations.weight.original1"
     moved = (after[name] - before[name]).norm() / before[name].norm()
     assert 0 < moved < 0.5, float(moved)
-
-
-class MetricRecorder(L.Callback):
-    def __init__(self, name: str) -> None:
-        self.name, self.values = name, []
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.values.append(trainer.callback_metrics.get(self.name))
 
 
 def test_pesq_loss_switches_on_and_off_across_resumes(tmp_path):
