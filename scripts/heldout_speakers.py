@@ -7,7 +7,8 @@ Reads the corpus's `test_<speaker>.jsonl` manifests (`neurocodec data debian --m
 speaker), runs `neurocodec eval` on each (first --max-clips clips, Opus 6 kbps as the baseline) into
 `<out>/heldout/<speaker>.json`, and writes `<out>/heldout_speakers.md`: PESQ-WB and STOI of both systems, and the
 paired difference in PESQ-WB (ours - Opus, clip by clip, mean and 95% t-interval) with the verdict of DESIGN.md's
-quality target for each speaker.
+quality target for each speaker; then the same pairing in ViSQOL (speech mode), a second full-reference opinion
+that a model trained with PESQ in its loss cannot have learned (`--no-visqol` skips it).
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ def speaker_row(speaker: str, payload: dict) -> dict:
     diff = paired_difference(payload, ours, OPUS)
     return {"speaker": speaker, "clips": payload["data"]["n_scored"], "seconds": payload["data"]["seconds"],
             "ours": ours, "pesq": rows[ours]["pesq"], "stoi": rows[ours]["stoi"],
-            "opus_pesq": rows[OPUS]["pesq"], "opus_stoi": rows[OPUS]["stoi"], "paired": diff}
+            "opus_pesq": rows[OPUS]["pesq"], "opus_stoi": rows[OPUS]["stoi"], "paired": diff,
+            "visqol": rows[ours].get("visqol"), "opus_visqol": rows[OPUS].get("visqol"),
+            "paired_visqol": paired_difference(payload, ours, OPUS, "visqol") if "visqol" in payload["scoring"]
+            else None}
 
 
 def _half_width(stat: dict) -> float:
@@ -58,6 +62,15 @@ def table(rows: list[dict], model: str) -> str:
         lines.append(f"| {r['speaker']} | {r['clips']} | {r['seconds']:.0f} | {_cell(r['pesq'], 2)} | "
                      f"{_cell(r['opus_pesq'], 2)} | {d['mean']:+.3f} ± {_half_width(d):.3f} | {_cell(r['stoi'], 3)} | "
                      f"{_cell(r['opus_stoi'], 3)} | {verdict} |")
+    scored = [r for r in rows if r["paired_visqol"] is not None]
+    if scored:
+        lines += ["", "ViSQOL v3 (speech mode, MOS-LQO) on the same clips: a second opinion that PESQ in the training "
+                  "loss cannot have been fitted to.", "",
+                  "| speaker | ours ViSQOL | Opus 6 kbps ViSQOL | paired difference |", "|---|---|---|---|"]
+        for r in scored:
+            d = r["paired_visqol"]
+            lines.append(f"| {r['speaker']} | {_cell(r['visqol'], 2)} | {_cell(r['opus_visqol'], 2)} | "
+                         f"{d['mean']:+.3f} ± {_half_width(d):.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -67,6 +80,7 @@ def main() -> int:
     p.add_argument("--corpus", required=True, help="folder with test_<speaker>.jsonl manifests")
     p.add_argument("--max-clips", type=int, default=100, help="clips per speaker (default 100)")
     p.add_argument("--out", default="docs/default_model", help="where heldout/ and heldout_speakers.md go")
+    p.add_argument("--no-visqol", action="store_true", help="skip ViSQOL (it about doubles the time)")
     args = p.parse_args()
 
     manifests = sorted(Path(args.corpus).glob("test_*.jsonl"))
@@ -81,7 +95,8 @@ def main() -> int:
         speaker = manifest.stem.removeprefix("test_")
         result = out / "heldout" / f"{speaker}.json"
         rc = neurocodec(["eval", "--model", args.model, "--data", str(manifest), "--baselines", "opus:6",
-                         "--max-clips", str(args.max_clips), "--json", str(result)])
+                         "--max-clips", str(args.max_clips), "--json", str(result)]
+                        + ([] if args.no_visqol else ["--visqol"]))
         if rc != 0:
             return rc
         rows.append(speaker_row(speaker, json.loads(result.read_text())))

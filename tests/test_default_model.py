@@ -102,6 +102,10 @@ def test_heldout_speakers_table_scores_each_speaker_against_opus(tmp_path, monke
         assert len(diffs) == 2
         row = next(line for line in text.splitlines() if line.startswith(f"| {speaker} |"))
         assert f"{sum(diffs) / 2:+.3f}" in row and row.endswith("| not met |")  # an untrained model is far below Opus
+        # the ViSQOL table pairs the same clips
+        diffs = [c["systems"]["ours K=4"]["visqol"] - c["systems"]["Opus 6 kbps"]["visqol"] for c in payload["clips"]]
+        rows = [line for line in text.splitlines() if line.startswith(f"| {speaker} |")]
+        assert len(rows) == 2 and f"| {sum(diffs) / 2:+.3f} ± " in rows[1]
 
 
 def test_training_curve_follows_the_lineage_of_a_fine_tuned_run(tmp_path):
@@ -206,3 +210,11 @@ def test_compare_runs_pairs_checkpoints_with_the_reference_and_the_arms_at_commo
                      "--max-clips", "2", "--out", str(out)])
     with pytest.raises(SystemExit, match="keep_exports"):
         script.main(["--corpus", str(corpus), "--arm", f"C={tmp_path}", "--out", str(out)])
+    # ViSQOL is scored only when asked, into files of their own beside the others (reference and A at step 2)
+    before = set((out / "eval").iterdir())
+    assert script.main(["--corpus", str(corpus), "--arm", f"A={tmp_path / 'a'}", "--steps", "2", "--reference",
+                        str(reference), "--max-clips", "2", "--out", str(out), "--metric", "visqol"]) == 0
+    new = sorted(f.name for f in set((out / "eval").iterdir()) - before)
+    assert len(new) == 2 and all(name.endswith("_n2_visqol_june_wallack.json") for name in new), new
+    text = (out / "compare_visqol.md").read_text()
+    assert "(ViSQOL, paired per clip)" in text and "| A 2 | +0.000 ± 0.000 | +0.000 |" in text

@@ -85,6 +85,19 @@ def test_noise_lowers_scores_monotonically(speech):
         assert s["si_sdr"] == pytest.approx(snr, abs=0.5)
 
 
+def test_visqol_is_a_second_opinion_that_also_falls_with_noise(speech, speech_clips):
+    """ViSQOL is scored only when asked; it tops out on identical audio and falls as the SNR does, at 16 kHz
+    and on 8 kHz material (resampled to its 16 kHz speech mode). Below ~20 dB SNR it sits at its floor."""
+    assert "visqol" not in score(speech, speech, 16000, max_shift=800)
+    at_16k = [score(speech, _noisy(speech, snr), 16000, max_shift=800, visqol=True)["visqol"] for snr in (40, 30, 25)]
+    clean = score(speech, speech.copy(), 16000, max_shift=800, visqol=True)["visqol"]
+    assert clean > 4.5 and all(1.0 <= v <= 5.0 for v in at_16k)
+    assert all(a > b for a, b in zip([clean] + at_16k, at_16k)), (clean, at_16k)
+    narrow = load_audio(speech_clips[1], 8000)[0].numpy()
+    assert score(narrow, _noisy(narrow, 40), 8000, 400, visqol=True)["visqol"] > \
+        score(narrow, _noisy(narrow, 20), 8000, 400, visqol=True)["visqol"]
+
+
 def test_alignment_undoes_a_delay(speech):
     delayed = np.concatenate([np.zeros(123, np.float32), speech])[: len(speech)]
     ref, deg, lag = align(speech, delayed, 400)
@@ -243,7 +256,7 @@ def test_eval_cli_end_to_end(speech_clips, tmp_path, capsys):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out_json, report = tmp_path / "eval.json", tmp_path / "report"
     rc = main(["eval", "--model", "grvq_4cb:tiny", "--data", str(manifest), "--split", "test",
-               "--baselines", "opus:6,codec2:3200", "--json", str(out_json), "--report", str(report)])
+               "--baselines", "opus:6,codec2:3200", "--json", str(out_json), "--report", str(report), "--visqol"])
     printed = capsys.readouterr().out
     assert rc == 0
     payload = json.loads(out_json.read_text())
@@ -257,6 +270,9 @@ def test_eval_cli_end_to_end(speech_clips, tmp_path, capsys):
     scored = [c["systems"] for c in payload["clips"] if "systems" in c]
     diffs = [c["ours K=4"]["pesq"] - c["Opus 6 kbps"]["pesq"] for c in scored]
     assert f"(paired over the 2 clips: {np.mean(diffs):+.3f} ± " in (report / "report.md").read_text()
+    assert all(1.0 <= m["visqol"] <= 5.0 for c in scored for m in c.values())  # --visqol: every system, every clip
+    assert "| ViSQOL | clips |" in printed and "visqol" in payload["scoring"]
+    assert "--visqol" in (report / "report.md").read_text()  # the command that reproduces the report
 
 
 def test_paired_difference_uses_only_clips_both_systems_scored():

@@ -14,7 +14,7 @@ DEFAULT_BASELINES = "opus:6,opus:8,opus:12,codec2:3200"
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", help="quality of a codec (PESQ, STOI, mel distance, SI-SDR, codebook usage) vs Opus and Codec2",
+        "eval", help="quality of a codec (PESQ, STOI, mel distance, SI-SDR, ViSQOL, codebook usage) vs Opus and Codec2",
         description="Code and decode every clip with the model (each K) and the baselines, align each decoded "
                     "signal to the reference and score it; print a table of means with 95%% t-intervals. "
                     "Our kbps = sum of log2(cardinality) x frame rate.")
@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"identity, or none (default: {DEFAULT_BASELINES})")
     p.add_argument("--max-clips", type=int, default=None, help="evaluate only the first N clips")
     p.add_argument("--max-shift-ms", type=float, default=50.0, help="alignment search range (default: 50 ms)")
+    p.add_argument("--visqol", action="store_true",
+                   help="also score ViSQOL v3 (speech mode, MOS-LQO): a second full-reference opinion beside PESQ, "
+                        "about as costly as every other metric together")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results (one row per system) as JSON")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="write report.md, results.json and PNG plots to this folder")
@@ -61,6 +64,8 @@ def _command_line(args: argparse.Namespace) -> str:
     parts += ["--baselines", args.baselines]
     if args.max_clips:
         parts += ["--max-clips", str(args.max_clips)]
+    if args.visqol:
+        parts += ["--visqol"]
     if args.report:
         parts += ["--report", args.report]
     return " ".join(parts[:1] + [shlex.quote(str(p)) for p in parts[1:]])
@@ -93,7 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
           + (f" with {', '.join(b.name for b in baselines)}" if baselines else ""), file=sys.stderr)
     result = evaluate(codec, clips, _ks(args.num_codebooks), baselines, model_spec=args.model,
                       max_shift_ms=args.max_shift_ms, progress=True,
-                      data_label=str(args.data), split=args.split)
+                      data_label=str(args.data), split=args.split, visqol=args.visqol)
     payload = result.to_json()
     if not payload["model"]["trained"]:
         print("note: UNTRAINED model (random weights from the config): these scores prove the pipeline only")

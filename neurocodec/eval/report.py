@@ -37,10 +37,14 @@ def results_table(payload: dict) -> str:
     rate = payload["scoring"]["sample_rate"]
     pesq_label = "PESQ-WB" if rate == 16000 else "PESQ-NB"
     head = ["system", "kbps", pesq_label, "STOI", "mel dist ↓", "SI-SDR dB", "PESQ-NB @8k", "clips"]
+    metrics = list(TABLE_METRICS)
+    if "visqol" in payload["scoring"]:  # scored only when asked (`--visqol`)
+        head.insert(-1, "ViSQOL")
+        metrics.append("visqol")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in payload["systems"]:
         digits = {"si_sdr": 1, "stoi": 3}
-        cells = [row["system"], _kbps(row)] + [_fmt(row[m], digits.get(m, 2)) for m in TABLE_METRICS]
+        cells = [row["system"], _kbps(row)] + [_fmt(row.get(m), digits.get(m, 2)) for m in metrics]
         cells.append(str(row["n_clips"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

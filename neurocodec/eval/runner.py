@@ -35,15 +35,16 @@ from ..audio import load_audio, resample
 from ..data.manifest import Utterance, read_manifest
 from ..errors import UserError
 from .baselines import Baseline
-from .metrics import align, mel_distance, pesq_score, si_sdr, stoi_score
+from .metrics import align, mel_distance, pesq_score, si_sdr, stoi_score, visqol_score
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus")
-METRICS = ("pesq", "pesq_nb", "stoi", "mel_distance", "si_sdr")
+METRICS = ("pesq", "pesq_nb", "stoi", "mel_distance", "si_sdr", "visqol")  # visqol only with `--visqol`
 METRIC_LABELS = {
     "pesq": "PESQ", "pesq_nb": "PESQ-NB (8 kHz)", "stoi": "STOI", "mel_distance": "mel distance",
-    "si_sdr": "SI-SDR (dB)",
+    "si_sdr": "SI-SDR (dB)", "visqol": "ViSQOL (speech)",
 }
-HIGHER_IS_BETTER = {"pesq": True, "pesq_nb": True, "stoi": True, "mel_distance": False, "si_sdr": True}
+HIGHER_IS_BETTER = {"pesq": True, "pesq_nb": True, "stoi": True, "mel_distance": False, "si_sdr": True,
+                    "visqol": True}
 BITRATE_NOTE = "bitrate = sum over codebooks of log2(cardinality) x frame rate"
 CI_NOTE = "95% CI of the mean: Student t, mean +- t(0.975, n-1) * sd / sqrt(n)"
 
@@ -138,8 +139,10 @@ class EvalResult:
         }
 
 
-def score(ref: np.ndarray, deg: np.ndarray, sample_rate: int, max_shift: int) -> dict[str, float]:
-    """Align `deg` to `ref`, then every metric (PESQ at the scoring rate plus PESQ-NB at 8 kHz)."""
+def score(ref: np.ndarray, deg: np.ndarray, sample_rate: int, max_shift: int,
+          visqol: bool = False) -> dict[str, float]:
+    """Align `deg` to `ref`, then every metric (PESQ at the scoring rate plus PESQ-NB at 8 kHz; ViSQOL if asked:
+    it costs about as much as all the others together)."""
     ref_a, deg_a, lag = align(ref, deg, max_shift)
     out = {
         "pesq": pesq_score(ref_a, deg_a, sample_rate),
@@ -148,6 +151,8 @@ def score(ref: np.ndarray, deg: np.ndarray, sample_rate: int, max_shift: int) ->
         "si_sdr": si_sdr(ref_a, deg_a),
         "lag_ms": 1000.0 * lag / sample_rate,
     }
+    if visqol:
+        out["visqol"] = visqol_score(ref_a, deg_a, sample_rate)
     if sample_rate == 8000:
         out["pesq_nb"] = out["pesq"]
     else:
@@ -188,7 +193,7 @@ def model_description(codec, spec: str) -> dict:
 def evaluate(codec, clips: list[Utterance], num_codebooks: list[int] | None = None,
              baselines: list[Baseline] = (), model_spec: str = "", max_shift_ms: float = 50.0,
              progress: bool = True, data_label: str = "", split: str | None = None,
-             example_seconds: float = 6.0) -> EvalResult:
+             example_seconds: float = 6.0, visqol: bool = False) -> EvalResult:
     """Code every clip with every system and score it; see the module docstring for the method."""
     from tqdm import tqdm
 
@@ -250,7 +255,7 @@ def evaluate(codec, clips: list[Utterance], num_codebooks: list[int] | None = No
                     kbps = codec.bitrate / 1000.0
                 else:
                     deg, kbps = system.baseline.run(ref, score_rate)
-                metrics = score(ref, deg, score_rate, max_shift)
+                metrics = score(ref, deg, score_rate, max_shift, visqol=visqol)
             except Exception as err:  # noqa: BLE001 - one failing clip/system must not end the run
                 message = f"{type(err).__name__}: {err}" if not isinstance(err, UserError) else str(err)
                 errors.append({"clip": clip.id, "path": clip.path, "system": system.name, "error": message})
@@ -304,4 +309,7 @@ def evaluate(codec, clips: list[Utterance], num_codebooks: list[int] | None = No
         "bitrate": BITRATE_NOTE,
         "ci": CI_NOTE,
     }
+    if visqol:
+        scoring["visqol"] = ("ViSQOL v3 speech mode, MOS-LQO with the deep-lattice mapper (visqol-python), on the "
+                             "aligned pair at 16 kHz")
     return EvalResult(model, data, scoring, systems, codebooks, counts, clip_rows, errors, example)
