@@ -65,11 +65,11 @@ def table(rows: list[dict], model: str) -> str:
     scored = [r for r in rows if r["paired_visqol"] is not None]
     if scored:
         lines += ["", "ViSQOL v3 (speech mode, MOS-LQO) on the same clips: a second opinion that PESQ in the training "
-                  "loss cannot have been fitted to.", "",
-                  "| speaker | ours ViSQOL | Opus 6 kbps ViSQOL | paired difference |", "|---|---|---|---|"]
+                  "loss cannot have been fitted to (clips under 0.65 s, too short for ViSQOL, left out).", "",
+                  "| speaker | clips | ours ViSQOL | Opus 6 kbps ViSQOL | paired difference |", "|---|---|---|---|---|"]
         for r in scored:
             d = r["paired_visqol"]
-            lines.append(f"| {r['speaker']} | {_cell(r['visqol'], 2)} | {_cell(r['opus_visqol'], 2)} | "
+            lines.append(f"| {r['speaker']} | {d['n']} | {_cell(r['visqol'], 2)} | {_cell(r['opus_visqol'], 2)} | "
                          f"{d['mean']:+.3f} ± {_half_width(d):.3f} |")
     return "\n".join(lines) + "\n"
 

@@ -80,6 +80,13 @@
 # (weight 1's last checkpoint gained +0.035 on average too; the rule ships the larger, here by 0.0005). Hence
 # `--loss.pesq 2`; weight 3 failed the STOI and mel guards (day 22), so not more.
 #
+# Day 24: ViSQOL (`neurocodec eval --visqol`) fell with the PESQ loss at every weight (step 122,720 is 0.05 / 0.21 /
+# 0.19 below step 105,414 on fillets_cs_m / gcin_3 / June) and stayed level without it. This recipe again from step
+# 122,720 (7,842 steps) raised gcin_3's PESQ-WB by +0.35 while its ViSQOL fell 0.16 and its pauses got 3 dB louder:
+# not shipped. Crops of 1.28 s (`--data.segment_seconds 1.28 --data.batch_size 4`) fit PESQ outright (+0.84 on gcin_3
+# in 4,000 steps, ViSQOL -0.38); `--loss.pesq 0` won ViSQOL back (+0.11) and gave PESQ-WB back (-0.13). Before
+# shipping another session of this recipe, compare its checkpoints on ViSQOL too (`compare_runs.py --metric visqol`).
+#
 # Training resumes from runs/default-model-lstm/checkpoints/last.ckpt whenever it exists, so the run can be
 # continued across days; when it stops, ship the result with scripts/ship_default_model.py. Where the run
 # folder is gone (a new machine), continue from the shipped weights instead:

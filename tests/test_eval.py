@@ -93,6 +93,9 @@ def test_visqol_is_a_second_opinion_that_also_falls_with_noise(speech, speech_cl
     clean = score(speech, speech.copy(), 16000, max_shift=800, visqol=True)["visqol"]
     assert clean > 4.5 and all(1.0 <= v <= 5.0 for v in at_16k)
     assert all(a > b for a, b in zip([clean] + at_16k, at_16k)), (clean, at_16k)
+    # a clip too short for ViSQOL keeps its other scores and says why it has no ViSQOL
+    short = score(speech[:8000], speech[:8000], 16000, max_shift=800, visqol=True)
+    assert short["visqol"] is None and "at least 0.65 s" in short["visqol_error"] and short["pesq"] > 4
     narrow = load_audio(speech_clips[1], 8000)[0].numpy()
     assert score(narrow, _noisy(narrow, 40), 8000, 400, visqol=True)["visqol"] > \
         score(narrow, _noisy(narrow, 20), 8000, 400, visqol=True)["visqol"]

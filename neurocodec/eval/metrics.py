@@ -45,6 +45,7 @@ def stoi_score(ref, deg, sample_rate: int, extended: bool = False) -> float:
 
 
 VISQOL_RATE = 16000  # ViSQOL's speech mode works on 16 kHz audio
+VISQOL_MIN_SECONDS = 0.65  # visqol-python 3.8 fails with an IndexError below about 0.64 s (measured)
 _VISQOL = None
 
 
@@ -55,7 +56,8 @@ def visqol_score(ref, deg, sample_rate: int) -> float:
     without sounding better, and ViSQOL (a different auditory model: gammatone spectrogram patches, NSIM) does not
     share PESQ's blind spots. From `visqol-python`, a port of Google's ViSQOL with the models bundled, because
     Google's C++ builds only with Bazel (its wheel `speequal` does not build here). Its numba kernels make it
-    ~0.1 s per second of audio; other rates are resampled to 16 kHz first.
+    ~0.1 s per second of audio; other rates are resampled to 16 kHz first. Clips under VISQOL_MIN_SECONDS raise
+    ValueError.
     """
     global _VISQOL
     if _VISQOL is None:
@@ -65,6 +67,9 @@ def visqol_score(ref, deg, sample_rate: int) -> float:
         api.create(mode="speech", use_lattice_model=True)
         _VISQOL = api
     ref, deg = _common(ref, deg)
+    if len(ref) < VISQOL_MIN_SECONDS * sample_rate:
+        raise ValueError(f"ViSQOL needs at least {VISQOL_MIN_SECONDS} s of audio; this pair has "
+                         f"{len(ref) / sample_rate:.2f} s")
     if sample_rate != VISQOL_RATE:
         from ..audio import resample
 

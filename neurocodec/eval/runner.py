@@ -151,8 +151,12 @@ def score(ref: np.ndarray, deg: np.ndarray, sample_rate: int, max_shift: int,
         "si_sdr": si_sdr(ref_a, deg_a),
         "lag_ms": 1000.0 * lag / sample_rate,
     }
-    if visqol:
-        out["visqol"] = visqol_score(ref_a, deg_a, sample_rate)
+    if visqol:  # ViSQOL failing on a clip (one under 0.65 s) must not cost the clip its other scores
+        try:
+            out["visqol"] = visqol_score(ref_a, deg_a, sample_rate)
+        except Exception as err:  # noqa: BLE001
+            out["visqol"] = None
+            out["visqol_error"] = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
     if sample_rate == 8000:
         out["pesq_nb"] = out["pesq"]
     else:
