@@ -55,9 +55,9 @@ def visqol_score(ref, deg, sample_rate: int) -> float:
     A second full-reference opinion beside PESQ: a codec trained with PESQ in its loss can learn what PESQ rewards
     without sounding better, and ViSQOL (a different auditory model: gammatone spectrogram patches, NSIM) does not
     share PESQ's blind spots. From `visqol-python`, a port of Google's ViSQOL with the models bundled, because
-    Google's C++ builds only with Bazel (its wheel `speequal` does not build here). Its numba kernels make it
-    ~0.1 s per second of audio; other rates are resampled to 16 kHz first. Clips under VISQOL_MIN_SECONDS raise
-    ValueError.
+    Google's C++ builds only with Bazel (`speequal`, which packages it, has no wheel for this machine). Its numba
+    kernels make it ~0.1 s per second of audio; other rates are resampled to 16 kHz first. Clips under
+    VISQOL_MIN_SECONDS raise ValueError.
     """
     global _VISQOL
     if _VISQOL is None:
