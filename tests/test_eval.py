@@ -278,6 +278,14 @@ def test_eval_cli_end_to_end(speech_clips, tmp_path, capsys):
     assert "--visqol" in (report / "report.md").read_text()  # the command that reproduces the report
 
 
+def test_eval_cli_says_which_clips_were_too_short_for_visqol(speech, tmp_path, capsys):
+    sf.write(tmp_path / "long.wav", speech, 16000)
+    sf.write(tmp_path / "short.wav", speech[:8000], 16000)
+    assert main(["eval", "--model", "grvq_4cb:tiny", "--data", str(tmp_path), "--baselines", "none", "--visqol"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: no ViSQOL for 1 clip/system pair(s), e.g. short [ours K=4]: ViSQOL needs at least 0.65 s" in printed
+
+
 def test_paired_difference_uses_only_clips_both_systems_scored():
     from neurocodec.eval.report import paired_difference
 

@@ -109,6 +109,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for e in payload["errors"]:
         who = f" [{e['system']}]" if e.get("system") else ""
         print(f"error: {e['clip']}{who}: {e['error']}")
+    unscored = [(c["id"], name, m["visqol_error"]) for c in payload["clips"]
+                for name, m in c.get("systems", {}).items() if m.get("visqol_error")]
+    if unscored:  # their other scores stand; the ViSQOL column leaves them out
+        clip, name, why = unscored[0]
+        print(f"note: no ViSQOL for {len(unscored)} clip/system pair(s), e.g. {clip} [{name}]: {why}")
     if args.json:
         print(f"wrote {write_json(payload, args.json)}")
     if args.report:

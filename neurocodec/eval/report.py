@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from ..codecs.quantizers import uniform_usage
-from .runner import CI_NOTE, METRIC_LABELS, EvalResult, summarize
+from .runner import CI_NOTE, EvalResult, summarize
 
 TABLE_METRICS = ("pesq", "stoi", "mel_distance", "si_sdr", "pesq_nb")
 

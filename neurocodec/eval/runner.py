@@ -39,12 +39,6 @@ from .metrics import align, mel_distance, pesq_score, si_sdr, stoi_score, visqol
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus")
 METRICS = ("pesq", "pesq_nb", "stoi", "mel_distance", "si_sdr", "visqol")  # visqol only with `--visqol`
-METRIC_LABELS = {
-    "pesq": "PESQ", "pesq_nb": "PESQ-NB (8 kHz)", "stoi": "STOI", "mel_distance": "mel distance",
-    "si_sdr": "SI-SDR (dB)", "visqol": "ViSQOL (speech)",
-}
-HIGHER_IS_BETTER = {"pesq": True, "pesq_nb": True, "stoi": True, "mel_distance": False, "si_sdr": True,
-                    "visqol": True}
 BITRATE_NOTE = "bitrate = sum over codebooks of log2(cardinality) x frame rate"
 CI_NOTE = "95% CI of the mean: Student t, mean +- t(0.975, n-1) * sd / sqrt(n)"
 
