@@ -77,6 +77,26 @@ def test_deeper_dilated_decoder_streams_exactly(frames):
     torch.testing.assert_close(decode_streaming(codec, codes, frames), offline, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("frames", [1, 3, 64])
+def test_snake_decoder_streams_exactly(frames):
+    """The gated Snake activations (seanet.decoder_snake) are elementwise: streaming needs no state from them."""
+    from neurocodec.codecs.checkpoint import build_codec, prepare_for_inference
+    from neurocodec.codecs.seanet import ELUSnake
+    from neurocodec.config import load_config
+
+    codec = prepare_for_inference(build_codec(load_config("grvq_4cb", "tiny", ["model.seanet.decoder_snake=true"])["model"]),
+                                  "cpu")
+    assert sum(isinstance(m, ELUSnake) for m in codec.decoder.modules()) == 13  # every ELU of the decoder
+    assert not any(isinstance(m, ELUSnake) for m in codec.encoder.modules())
+    with torch.no_grad():
+        for m in codec.decoder.modules():
+            if isinstance(m, ELUSnake):  # a trained model's: other frequencies per channel
+                m.alpha.uniform_(0.5, 8.0)
+    codes = codec.encode(signal(0.8, batch=2))
+    offline = codec.decode(codes)
+    torch.testing.assert_close(decode_streaming(codec, codes, frames), offline, atol=1e-5, rtol=0)
+
+
 def test_batch_of_sessions_with_execution_masks(codec):
     """Sessions start at different times and advance at random: each still gets exactly its offline result."""
     batch, n_frames, f = 3, 12, codec.frame_size

@@ -310,6 +310,43 @@ def test_fine_tune_into_a_deeper_decoder_starts_from_the_files_function(tmp_path
                                                      "model.seanet.dilation_base=3").model), str(deep_file))
 
 
+def test_fine_tune_into_a_snake_decoder_starts_from_the_files_function(tmp_path):
+    """Snake activations grown into a trained ELU decoder (`seanet.decoder_snake`) take the ELUs' places, so every
+    saved weight keeps its name; their gates start shut (the file's function, to the sample) and still learn."""
+    from neurocodec.codecs.checkpoint import build_codec, load_weights_for_training, save_codec
+    from neurocodec.codecs.seanet import ELUSnake
+
+    plain = build_codec(config("grvq_4cb").model)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for p in plain.decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    saved = save_codec(plain, tmp_path / "plain.safetensors")
+    snake = build_codec(config("grvq_4cb", "model.seanet.decoder_snake=true").model)
+    snakes = [m for m in snake.decoder.modules() if isinstance(m, ELUSnake)]
+    assert snakes and all(bool((m.gate == 1).all()) for m in snakes)  # a fresh network has them open
+    load_weights_for_training(snake, str(saved))
+    assert all(bool((m.gate == 0).all()) for m in snakes)
+    wav = torch.randn(1, 1, 3200) * 0.1
+    plain.eval(), snake.eval()
+    with torch.no_grad():
+        codes = plain.encode(wav)
+        assert torch.equal(snake.encode(wav), codes)
+        torch.testing.assert_close(snake.decode(codes), plain.decode(codes), atol=0, rtol=0)
+    snake.train()
+    snake.decoder(torch.randn(1, snake.config.seanet.dimension, 10)).pow(2).sum().backward()
+    assert all(float(m.gate.grad.abs().max()) > 0 for m in snakes)
+    # A snake file fine-tunes into a snake network as it is (nothing new: the gates keep their values).
+    with torch.no_grad():
+        for m in snakes:
+            m.gate.fill_(0.25)
+    again = build_codec(config("grvq_4cb", "model.seanet.decoder_snake=true").model)
+    load_weights_for_training(again, str(save_codec(snake, tmp_path / "snake.safetensors")))
+    assert all(bool((m.gate == 0.25).all()) for m in again.decoder.modules() if isinstance(m, ELUSnake))
+    with pytest.raises(UserError, match="network differs"):  # the other way would drop the Snakes' weights
+        load_weights_for_training(build_codec(config("grvq_4cb").model), str(tmp_path / "snake.safetensors"))
+
+
 def test_export_loads_and_encodes_with_validation_metrics(tmp_path):
     cfg = config("grvq_4cb", "trainer.max_steps=4", "trainer.val_every=2", "trainer.log_every=1",
                  "data.speaker_balance=1.0", "data.speed_perturb=[0.9, 1.0, 1.1]", "trainer.keep_exports=true")

@@ -192,10 +192,13 @@ def load_weights_for_training(codec: torch.nn.Module, spec: str | Path) -> dict:
                         f"It was trained from config {meta.get('config_name', '?')!r}; use the same model section "
                         "(for `default`: --config grvq_4cb --preset tiny)")
     codec.load_state_dict(state, strict=not grown)
-    for prefix, block in grown.items():
+    for block in grown.values():
         block.start_as_identity()
-        print(f"--init_from {spec}: {prefix} ({type(block).__name__}) is new in this network; it starts as the "
-              "identity, so the codec starts out computing what the file's codec computes")
+    if grown:
+        kinds = sorted({type(block).__name__ for block in grown.values()})
+        print(f"--init_from {spec}: {len(grown)} block(s) are new in this network ({', '.join(kinds)}: "
+              f"{', '.join(grown)}); they start as the identity, so the codec starts out computing what the file's "
+              "codec computes")
     return meta
 
 
