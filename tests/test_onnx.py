@@ -84,11 +84,14 @@ def test_multi_frame_steps_for_a_fixed_batch(default_codec, speech, exported, tm
             pass
 
 
-@pytest.mark.parametrize("name", ["rvq_8cb", "fsq", "semanticodec_25tps", "xy_single", "xy_single+thresholds"])
+@pytest.mark.parametrize("name", ["rvq_8cb", "fsq", "semanticodec_25tps", "xy_single", "xy_single+thresholds",
+                                  "grvq_4cb+snake"])
 def test_every_audio_family_exports(name, tmp_path):
-    """Tiny random models of the other families: ONNX steps equal PyTorch's float32 streaming steps."""
+    """Tiny random models of the other families (and the Snake decoder): ONNX steps equal PyTorch's float32
+    streaming steps."""
     name, _, extra = name.partition("+")
-    codec = build_codec(load_config(name, "tiny")["model"], name=f"{name}:tiny").train()
+    overrides = ["model.seanet.decoder_snake=true"] if extra == "snake" else []
+    codec = build_codec(load_config(name, "tiny", overrides)["model"], name=f"{name}:tiny").train()
     if extra == "thresholds":  # xy_single as its stage 2 leaves it: LFQ bits cut at fitted per-prefix thresholds
         with torch.no_grad():
             latent = codec.eval().encoder(torch.from_numpy(synthetic_speechlike(4.0, seed=3)[None, None]).float())
