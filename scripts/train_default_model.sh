@@ -87,6 +87,12 @@
 # in 4,000 steps, ViSQOL -0.38); `--loss.pesq 0` won ViSQOL back (+0.11) and gave PESQ-WB back (-0.13). Before
 # shipping another session of this recipe, compare its checkpoints on ViSQOL too (`compare_runs.py --metric visqol`).
 #
+# Day 25: a gated Snake after every decoder ELU (`--model.seanet.decoder_snake true`, grown in from step 122,720)
+# scored below the same run without it (-0.014 PESQ-WB on average over steps 2,000-5,000; gates opened to ~0.02).
+# 4,000 steps of this recipe (twice, two seeds) lift gcin_3 by ~+0.2 with ViSQOL level but June by -0.01 / -0.06:
+# the seed-1 run failed the ship rule on June. Not shipped. The same command on another VM reproduced day 24's run
+# bit for bit.
+#
 # Training resumes from runs/default-model-lstm/checkpoints/last.ckpt whenever it exists, so the run can be
 # continued across days; when it stops, ship the result with scripts/ship_default_model.py. Where the run
 # folder is gone (a new machine), continue from the shipped weights instead:
