@@ -8,10 +8,11 @@ Why: one checkpoint of a GAN-trained codec differs from the next by +-0.03-0.05 
 as most changes we try. An A/B is only readable over several checkpoints of each arm, at the same steps.
 
 An arm is NAME=PATH: a run folder (its `exports/`, written with `--trainer.keep_exports true`) or a glob of codec
-files; a file's step is its `gen_step` metadata. Each file and the reference (`--reference`, default the shipped
-model) are scored with `neurocodec eval` (no baselines) on the first --max-clips clips of every
-`test_<speaker>.jsonl` of the corpus; the results are cached in `<out>/eval/`, named by the weights' SHA-256 and
-the clip count, so a rerun only scores what is new and a changed file (a new shipped model) is scored again.
+files; a file's step is its `gen_step` metadata (a lone file without it, e.g. from `neurocodec average`, is
+step 0). Each file and the reference (`--reference`, default the shipped model) are scored with `neurocodec eval`
+(no baselines) on the first --max-clips clips of every `test_<speaker>.jsonl` of the corpus; the results are
+cached in `<out>/eval/`, named by the weights' SHA-256 and the clip count, so a rerun only scores what is new and a
+changed file (a new shipped model) is scored again.
 
 `--metric` picks the per-clip score that is compared (default PESQ-WB; also STOI, mel distance, SI-SDR, PESQ-NB):
 every one is in the cached evaluations, so another metric costs no new scoring. A loss that targets one metric
@@ -62,8 +63,11 @@ def arm_files(spec: str) -> tuple[str, dict[int, Path]]:
     steps: dict[int, Path] = {}
     for f in files:
         step = int(read_metadata(f).get("gen_step", -1))
-        if step < 0:
-            raise SystemExit(f"compare_runs: {f} has no gen_step metadata (not written by training)")
+        if step < 0 and len(files) == 1:  # one file not written by training (`neurocodec average`): an arm of step 0
+            step = 0
+        elif step < 0:
+            raise SystemExit(f"compare_runs: {f} has no gen_step metadata (not written by training); an arm of "
+                             "several files needs it to pair their steps")
         steps[step] = f
     return name, steps
 

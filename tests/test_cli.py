@@ -1,5 +1,6 @@
 """The encode / decode / info commands, checkpoints, and clear one-line errors for bad input."""
 
+import json
 import subprocess
 import sys
 
@@ -148,3 +149,54 @@ def test_a_config_extends_another_and_states_only_how_it_differs(tmp_path):
     (tmp_path / "base.yaml").write_text("extends: child.yaml\n")
     with pytest.raises(ConfigError, match="circle"):
         load_config(tmp_path / "child.yaml")
+
+
+def test_average_weights_codec_files_of_one_network(speech_wav, tmp_path, capsys):
+    """`neurocodec average`: every floating tensor is the weighted mean of the inputs', the result is a codec file
+    that loads and encodes, an average of a file with itself is that file, and mismatched inputs are refused."""
+    from safetensors.torch import load_file
+
+    from neurocodec.codecs.checkpoint import build_codec, read_metadata
+    from neurocodec.config import load_config
+
+    paths = []
+    for seed in (1, 2):
+        codec = build_codec(load_config("grvq_4cb", "tiny")["model"], name="grvq_4cb:tiny").eval()
+        with torch.no_grad():  # the config seeds the weights: make the two files differ as two fine-tunes would
+            noise = torch.Generator().manual_seed(seed)
+            for tensor in codec.state_dict().values():  # parameters and EMA codebooks (buffers)
+                if tensor.is_floating_point():
+                    tensor.add_(0.01 * torch.randn(tensor.shape, generator=noise))
+        paths.append(save_codec(codec, tmp_path / f"seed{seed}.safetensors", metadata={"total_steps": 10 * seed}))
+    out = tmp_path / "avg.safetensors"
+    # codebooks that differ are not averaged unless asked: by default the command refuses and says what to choose
+    assert main(["average", str(paths[0]), str(paths[1]), "-o", str(out)]) == 2
+    assert "--codebooks-from N" in capsys.readouterr().err and not out.exists()
+    assert main(["average", str(paths[0]), str(paths[1]), "--weights", "1", "3", "--codebooks-from", "2",
+                 "-o", str(out)]) == 0
+    a, b, avg = (load_file(str(p)) for p in (*paths, out))
+    floating = [k for k in a if a[k].is_floating_point()]
+    codebooks = [k for k in floating if k.startswith("quantizer.")]
+    assert codebooks and all(not torch.equal(a[k], b[k]) for k in floating)
+    for k in floating:
+        expected = b[k] if k in codebooks else 0.25 * a[k] + 0.75 * b[k]
+        torch.testing.assert_close(avg[k], expected, rtol=0, atol=1e-6)
+    sources = json.loads(read_metadata(out)["averaged_from"])
+    assert [s["weight"] for s in sources] == [0.25, 0.75] and read_metadata(out)["total_steps"] == "20"
+    assert main(["average", str(paths[0]), str(paths[1]), "--average-codebooks", "-o", str(out)]) == 0
+    avg = load_file(str(out))
+    torch.testing.assert_close(avg[codebooks[0]], 0.5 * a[codebooks[0]] + 0.5 * b[codebooks[0]], rtol=0, atol=1e-6)
+    assert load_codec(str(out)).encode(load_audio(speech_wav, 16000).unsqueeze(0)).shape[1] == 4
+    same = tmp_path / "same.safetensors"
+    assert main(["average", str(paths[0]), str(paths[0]), "-o", str(same)]) == 0
+    wav = load_audio(speech_wav, 16000).unsqueeze(0)
+    assert torch.equal(load_codec(str(same)).encode(wav), load_codec(str(paths[0])).encode(wav))
+    other = save_codec(load_codec("fsq:tiny"), tmp_path / "fsq.safetensors")
+    for bad, message in (([paths[0]], "at least two"), ([paths[0], other], "different configs"),
+                         ([paths[0], paths[1], "--weights", "1"], "1 weights for 2 files"),
+                         ([paths[0], paths[1], "--weights", "1", "-1"], "non-negative"),
+                         ([paths[0], paths[1], "--codebooks-from", "3"], "there are 2 inputs")):
+        assert main(["average", *map(str, bad), "-o", str(tmp_path / "bad.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("neurocodec average: error:") and message in err, err
+    assert not (tmp_path / "bad.safetensors").exists()

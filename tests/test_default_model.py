@@ -210,6 +210,12 @@ def test_compare_runs_pairs_checkpoints_with_the_reference_and_the_arms_at_commo
                      "--max-clips", "2", "--out", str(out)])
     with pytest.raises(SystemExit, match="keep_exports"):
         script.main(["--corpus", str(corpus), "--arm", f"C={tmp_path}", "--out", str(out)])
+    # a lone file that training did not write (`neurocodec average`) is an arm of step 0; two such files are refused
+    for name in ("soup1", "soup2"):
+        save_codec(build_codec(load_config("grvq_4cb", "tiny")["model"]).eval(), tmp_path / f"{name}.safetensors")
+    assert script.arm_files(f"S={tmp_path / 'soup1.safetensors'}") == ("S", {0: tmp_path / "soup1.safetensors"})
+    with pytest.raises(SystemExit, match="no gen_step metadata"):
+        script.arm_files(f"S={tmp_path / 'soup*.safetensors'}")
     # ViSQOL is scored only when asked, into files of their own beside the others (reference and A at step 2)
     before = set((out / "eval").iterdir())
     assert script.main(["--corpus", str(corpus), "--arm", f"A={tmp_path / 'a'}", "--steps", "2", "--reference",

@@ -43,6 +43,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="export for exactly this many streams: a static graph, faster (default: any number)")
     p.set_defaults(func=cmd_export_onnx)
 
+    p = sub.add_parser("average", help="weighted average of codec files of one network (model soup, WiSE-FT)",
+                       description="Average the weights of codec files that share a config: fine-tunes of one model "
+                                   "from other seeds or steps (a model soup), or a fine-tune and the model it started "
+                                   "from (`default A.safetensors --weights 0.5 0.5`). The result is a codec file like "
+                                   "any other; its metadata lists the inputs (averaged_from).")
+    p.add_argument("inputs", nargs="+", help="codec files (.safetensors) or `default`; at least two")
+    p.add_argument("-o", "--output", required=True, help="codec file to write (.safetensors)")
+    p.add_argument("--weights", type=float, nargs="+", default=None,
+                   help="one relative weight per input, normalised to sum to 1 (default: uniform)")
+    p.add_argument("--codebooks-from", type=int, default=None, metavar="N",
+                   help="copy the quantizer's tensors from input N (1-based) instead of averaging them: needed when "
+                        "the inputs' EMA codebooks differ, as they do after training (entries are re-drawn)")
+    p.add_argument("--average-codebooks", action="store_true",
+                   help="average differing codebooks anyway (only sound for inputs whose entries still correspond)")
+    p.set_defaults(func=cmd_average)
+
     p = sub.add_parser("info", help="describe a model: rates, codebooks, bitrate, latency, size")
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -187,4 +203,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    from .checkpoint import average_codec_files, load_checkpoint, save_codec_tensors
+
+    if args.codebooks_from is not None and args.average_codebooks:
+        raise UserError("--codebooks-from and --average-codebooks exclude each other")
+    keep = None if args.codebooks_from is None else args.codebooks_from - 1
+    tensors, meta = average_codec_files(args.inputs, args.weights, codebooks_from=keep,
+                                        average_codebooks=args.average_codebooks)
+    path = save_codec_tensors(tensors, meta, args.output)
+    load_checkpoint(path)  # the result must load as a codec; a mismatch is our bug, not the user's
+    for source in json.loads(meta["averaged_from"]):
+        print(f"  {source['weight']:.4f} x {source['file']} ({source['total_steps']} steps)")
+    print(f"codebooks: {meta['codebooks']}")
+    print(f"averaged {len(args.inputs)} codec files -> {path}")
     return 0
