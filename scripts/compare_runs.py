@@ -12,9 +12,11 @@ files; a file's step is its `gen_step` metadata (a lone file without it, e.g. fr
 step 0). Each file and the reference (`--reference`, default the shipped model) are scored with `neurocodec eval`
 (no baselines) on the first --max-clips clips of every `test_<speaker>.jsonl` of the corpus; the results are
 cached in `<out>/eval/`, named by the weights' SHA-256 and the clip count, so a rerun only scores what is new and a
-changed file (a new shipped model) is scored again.
+changed file (a new shipped model) is scored again, as is a cached evaluation that predates the metric asked for.
 
-`--metric` picks the per-clip score that is compared (default PESQ-WB; also STOI, mel distance, SI-SDR, PESQ-NB):
+`--metric` picks the per-clip score that is compared (default PESQ-WB; also STOI, mel distance, SI-SDR, PESQ-NB,
+and the level in pauses, `pause_level_db`: how many dB louder than the original the output is in the clip's quiet
+frames, the check that a PESQ loss does not fill pauses with noise):
 every one is in the cached evaluations, so another metric costs no new scoring. A loss that targets one metric
 (loss.pesq) is checked on the others this way. `--metric visqol` (ViSQOL v3, speech mode) is scored only when asked,
 about doubling an evaluation's time; its evaluations are cached in files of their own (`..._visqol.json`). It is
@@ -84,6 +86,7 @@ def model_key(model: str) -> str:
 
 METRICS = {"pesq": "PESQ-WB", "stoi": "STOI", "mel_distance": "mel distance (lower is better)",
            "si_sdr": "SI-SDR (dB)", "pesq_nb": "PESQ-NB",
+           "pause_level_db": "level in pauses, dB over the original (lower is better)",
            "visqol": "ViSQOL"}  # per-clip fields of `neurocodec eval --json`
 SCORED_ON_REQUEST = {"visqol": "--visqol"}  # metrics an evaluation has only when asked: cached in files of their own
 
@@ -111,8 +114,18 @@ def cell(stat: dict) -> str:
     return f"{stat['mean']:+.3f} ± {(stat['ci95'][1] - stat['ci95'][0]) / 2:.3f}"
 
 
-def evaluate(model: str, manifest: Path, out: Path, max_clips: int, extra: tuple[str, ...] = ()) -> Path:
+def is_cached(out: Path, metric: str) -> bool:
+    """A cached evaluation serves unless it was written before `neurocodec eval` had `metric` (its rows lack the
+    field; e.g. pause_level_db, day 26). One whose every clip failed stays cached: it is reported, not rescored."""
     if not out.is_file():
+        return False
+    rows = [row for clip in json.loads(out.read_text())["clips"] for row in clip.get("systems", {}).values()]
+    return not rows or any(metric in row for row in rows)
+
+
+def evaluate(model: str, manifest: Path, out: Path, max_clips: int, extra: tuple[str, ...] = (),
+             metric: str = "pesq") -> Path:
+    if not is_cached(out, metric):
         tmp = out.with_name(f"{out.stem}.{os.getpid()}-{threading.get_ident()}.part.json")  # never shared
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         proc = subprocess.run([sys.executable, "-m", "neurocodec.cli", "eval", "--model", model, "--data",
@@ -192,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool, tqdm(total=len(jobs), desc="scoring", unit="eval") as bar:
-        futures = [pool.submit(evaluate, model, manifest, out, args.max_clips, extra)
+        futures = [pool.submit(evaluate, model, manifest, out, args.max_clips, extra, args.metric)
                    for _, _, model, manifest, _, out in jobs]
         for fut in as_completed(futures):
             fut.result()

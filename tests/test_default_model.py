@@ -191,6 +191,21 @@ def test_compare_runs_pairs_checkpoints_with_the_reference_and_the_arms_at_commo
     assert "(STOI, paired per clip)" in text
     row = next(line for line in text.splitlines() if line.startswith("| B - A |"))
     assert row.startswith(f"| B - A | {np.mean([stoi['B'][i] - stoi['A'][i] for i in stoi['A']]):+.3f} ± ")
+    # an evaluation cached before a metric existed is scored again when that metric is asked for, and only it
+    stale = next((out / "eval").glob("A_step4_*_june_wallack.json"))
+    payload = json.loads(stale.read_text())
+    for clip in payload["clips"]:
+        for row in clip["systems"].values():
+            del row["pause_level_db"]
+    stale.write_text(json.dumps(payload))
+    others = {p: p.stat().st_mtime_ns for p in (out / "eval").iterdir() if p != stale}
+    assert script.main(["--corpus", str(corpus), "--arm", f"A={tmp_path / 'a'}", "--arm", f"B={tmp_path / 'b'}",
+                        "--reference", str(reference), "--max-clips", "2", "--out", str(out),
+                        "--metric", "pause_level_db"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "eval").iterdir() if p != stale} == others
+    assert len(script.clip_scores(json.loads(stale.read_text()), "pause_level_db")) == 2  # both demo clips have pauses
+    assert "(level in pauses, dB over the original (lower is better), paired per clip)" in \
+        (out / "compare_pause_level_db.md").read_text()
     # the cache is keyed by the weights: other weights under the same arm name and step are scored anew
     save_codec(build_codec(load_config("grvq_4cb", "tiny")["model"], name="grvq_4cb:tiny").eval(),
                tmp_path / "b" / "exports" / "codec_step0000004.safetensors", metadata={"gen_step": 4})

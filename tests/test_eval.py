@@ -101,6 +101,25 @@ def test_visqol_is_a_second_opinion_that_also_falls_with_noise(speech, speech_cl
         score(narrow, _noisy(narrow, 20), 8000, 400, visqol=True)["visqol"]
 
 
+def test_pause_level_measures_what_the_output_adds_in_pauses():
+    """pause_level_db: 0 dB for the original itself; noise added only where the original is quiet raises it by the
+    power ratio; noise of the same power over loud speech does not move it; a clip with no quiet frame has none."""
+    from neurocodec.eval.metrics import pause_level_db
+
+    rng = np.random.default_rng(3)
+    t = np.arange(16000) / 16000
+    loud = 0.3 * np.sin(2 * np.pi * 200 * t)
+    ref = np.concatenate([loud, 1e-3 * rng.standard_normal(16000)]).astype(np.float32)  # speech, then a pause
+    assert pause_level_db(ref, ref.copy(), 16000) == pytest.approx(0.0, abs=1e-9)
+    hiss = np.zeros_like(ref)
+    hiss[16000:] = 3e-3 * rng.standard_normal(16000)  # 9x the pause's power: +10 dB
+    assert pause_level_db(ref, ref + hiss, 16000) == pytest.approx(10.0, abs=0.3)
+    assert score(ref, ref + hiss, 16000, max_shift=0)["pause_level_db"] == pytest.approx(10.0, abs=0.3)
+    on_speech = np.roll(hiss, -16000)
+    assert pause_level_db(ref, ref + on_speech, 16000) == pytest.approx(0.0, abs=1e-9)
+    assert pause_level_db(loud, loud, 16000) is None
+
+
 def test_alignment_undoes_a_delay(speech):
     delayed = np.concatenate([np.zeros(123, np.float32), speech])[: len(speech)]
     ref, deg, lag = align(speech, delayed, 400)

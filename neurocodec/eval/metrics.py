@@ -128,11 +128,22 @@ def align(ref, deg, max_shift: int) -> tuple[np.ndarray, np.ndarray, int]:
     return ref[:m], deg[:m], best_lag
 
 
-def all_metrics(ref, deg, sample_rate: int) -> dict[str, float]:
-    """PESQ, STOI, mel distance and SI-SDR of one pair (already aligned, same rate)."""
-    return {
-        "pesq": pesq_score(ref, deg, sample_rate),
-        "stoi": stoi_score(ref, deg, sample_rate),
-        "mel_distance": mel_distance(ref, deg, sample_rate),
-        "si_sdr": si_sdr(ref, deg),
-    }
+def pause_level_db(ref, deg, sample_rate: int, frame_ms: float = 20.0, below_db: float = 35.0) -> float | None:
+    """How much louder than the original the output is in the clip's pauses, in dB: the output's power over the
+    original's, pooled over the `frame_ms` frames at least `below_db` dB under the clip's loudest frame. 0 means
+    pauses as quiet as the original; +10, ten dB of added noise. None when the clip has no such frame.
+
+    Why: PESQ, STOI and mel distance hardly see hiss or buzz in pauses (frames that quiet weigh little in them),
+    yet a listener hears it at once; a loss that targets PESQ (loss.pesq) can fill pauses with noise while those
+    scores rise (days 22-25 of docs/default_model/heldout_speakers.md)."""
+    ref, deg = _common(ref, deg)
+    size = max(1, int(round(sample_rate * frame_ms / 1000)))
+    n = len(ref) // size
+    if n == 0:
+        return None
+    ref_power = (ref[:n * size].astype(np.float64).reshape(n, size) ** 2).mean(axis=1)
+    deg_power = (deg[:n * size].astype(np.float64).reshape(n, size) ** 2).mean(axis=1)
+    quiet = 10 * np.log10(ref_power + 1e-12) <= 10 * np.log10(ref_power.max() + 1e-12) - below_db
+    if not quiet.any():
+        return None
+    return float(10 * np.log10((deg_power[quiet].sum() + 1e-12) / (ref_power[quiet].sum() + 1e-12)))

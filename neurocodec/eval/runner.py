@@ -35,10 +35,11 @@ from ..audio import load_audio, resample
 from ..data.manifest import Utterance, read_manifest
 from ..errors import UserError
 from .baselines import Baseline
-from .metrics import align, mel_distance, pesq_score, si_sdr, stoi_score, visqol_score
+from .metrics import align, mel_distance, pause_level_db, pesq_score, si_sdr, stoi_score, visqol_score
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus")
-METRICS = ("pesq", "pesq_nb", "stoi", "mel_distance", "si_sdr", "visqol")  # visqol only with `--visqol`
+METRICS = ("pesq", "pesq_nb", "stoi", "mel_distance", "si_sdr", "pause_level_db",
+           "visqol")  # visqol only with `--visqol`
 BITRATE_NOTE = "bitrate = sum over codebooks of log2(cardinality) x frame rate"
 CI_NOTE = "95% CI of the mean: Student t, mean +- t(0.975, n-1) * sd / sqrt(n)"
 
@@ -143,6 +144,7 @@ def score(ref: np.ndarray, deg: np.ndarray, sample_rate: int, max_shift: int,
         "stoi": stoi_score(ref_a, deg_a, sample_rate),
         "mel_distance": mel_distance(ref_a, deg_a, sample_rate),
         "si_sdr": si_sdr(ref_a, deg_a),
+        "pause_level_db": pause_level_db(ref_a, deg_a, sample_rate),
         "lag_ms": 1000.0 * lag / sample_rate,
     }
     if visqol:  # ViSQOL failing on a clip (one under 0.65 s) must not cost the clip its other scores
