@@ -191,6 +191,15 @@ def test_average_weights_codec_files_of_one_network(speech_wav, tmp_path, capsys
     assert main(["average", str(paths[0]), str(paths[0]), "-o", str(same)]) == 0
     wav = load_audio(speech_wav, 16000).unsqueeze(0)
     assert torch.equal(load_codec(str(same)).encode(wav), load_codec(str(paths[0])).encode(wav))
+    # a file written before an option existed (its config lacks the key) averages with one that has its default
+    from safetensors.torch import save_file
+
+    meta = read_metadata(paths[1])
+    config = json.loads(meta["config"])
+    del config["seanet"]["decoder_snake"]
+    older = tmp_path / "older.safetensors"
+    save_file(load_file(str(paths[1])), str(older), metadata={**meta, "config": json.dumps(config)})
+    assert main(["average", str(paths[0]), str(older), "--codebooks-from", "1", "-o", str(same)]) == 0
     other = save_codec(load_codec("fsq:tiny"), tmp_path / "fsq.safetensors")
     for bad, message in (([paths[0]], "at least two"), ([paths[0], other], "different configs"),
                          ([paths[0], paths[1], "--weights", "1"], "1 weights for 2 files"),

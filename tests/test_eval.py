@@ -120,6 +120,34 @@ def test_pause_level_measures_what_the_output_adds_in_pauses():
     assert pause_level_db(loud, loud, 16000) is None
 
 
+def test_stream_start_overshoot_is_the_first_frames_excess_over_the_input():
+    """0 dB for a codec that passes audio through; a codec whose first frame comes out 10x louder (a click at
+    the start of every stream) measures +20 dB at every level."""
+    import torch
+
+    from neurocodec.eval.metrics import stream_start_overshoot_db
+
+    class PassThrough:  # the two methods and two sizes the measure uses, nothing else
+        sample_rate, frame_size = 16000, 320
+
+        def encode(self, wav):
+            return wav
+
+        def decode(self, codes):
+            return codes.clone()
+
+    class ClickAtStart(PassThrough):
+        def decode(self, codes):
+            out = codes.clone()
+            out[..., :self.frame_size] *= 10
+            return out
+
+    for level in (-60.0, -30.0):
+        assert stream_start_overshoot_db(PassThrough(), level) == pytest.approx(0.0, abs=1e-6)
+        assert stream_start_overshoot_db(ClickAtStart(), level) == pytest.approx(20.0, abs=1e-6)
+    assert torch.is_grad_enabled()  # measured without autograd, and without turning it off for the caller
+
+
 def test_alignment_undoes_a_delay(speech):
     delayed = np.concatenate([np.zeros(123, np.float32), speech])[: len(speech)]
     ref, deg, lag = align(speech, delayed, 400)
@@ -295,6 +323,9 @@ def test_eval_cli_end_to_end(speech_clips, tmp_path, capsys):
     assert all(1.0 <= m["visqol"] <= 5.0 for c in scored for m in c.values())  # --visqol: every system, every clip
     assert "| ViSQOL | clips |" in printed and "visqol" in payload["scoring"]
     assert "--visqol" in (report / "report.md").read_text()  # the command that reproduces the report
+    start = payload["model"]["stream_start_overshoot_db"]
+    assert list(start) == ["-60", "-40", "-30"] and all(np.isfinite(v) for v in start.values())
+    assert f"is {start['-60']:+.1f} dB, " in (report / "report.md").read_text()
 
 
 def test_eval_cli_says_which_clips_were_too_short_for_visqol(speech, tmp_path, capsys):

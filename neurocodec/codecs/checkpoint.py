@@ -382,7 +382,8 @@ def average_codec_files(specs: list[str], weights: list[float] | None = None, co
             raise UserError(f"{spec}: not a neurocodec codec file (metadata format={metas[-1].get('format')!r})")
     first = metas[0]
     for spec, meta, state in zip(specs[1:], metas[1:], states[1:]):
-        if json.loads(meta["config"]) != json.loads(first["config"]):
+        # compared resolved (defaults filled in): a file written before an option existed lacks its key
+        if CodecConfig.from_dict(json.loads(meta["config"])) != CodecConfig.from_dict(json.loads(first["config"])):
             raise UserError(f"{spec} and {specs[0]} have different configs: only one network's files average")
         if meta.get("weight_norm_folded") != first.get("weight_norm_folded"):
             raise UserError(f"{spec} and {specs[0]}: one has weight norm folded, the other not")

@@ -154,6 +154,12 @@ def markdown(payload: dict, figures: dict[str, str] | None = None, title: str | 
     targets = target_lines(payload)
     if targets:
         out += ["Targets (DESIGN.md):", "", *targets, ""]
+    start = model.get("stream_start_overshoot_db") or {}
+    if start:
+        out += ["Stream start: the first frame of output, when a stream opens on white noise at " +
+                ", ".join(f"{level} dBFS" for level in start) + ", is " +
+                ", ".join(f"{v:+.1f} dB" for v in start.values()) + " louder than the input (0: no start "
+                "transient; above ~+6 dB it is a click).", ""]
     entropy = model.get("entropy_kbps") or {}
     if entropy:
         out += ["Entropy of the codes over the set (the rate an entropy coder could reach): " +

@@ -35,7 +35,8 @@ from ..audio import load_audio, resample
 from ..data.manifest import Utterance, read_manifest
 from ..errors import UserError
 from .baselines import Baseline
-from .metrics import align, mel_distance, pause_level_db, pesq_score, si_sdr, stoi_score, visqol_score
+from .metrics import (STREAM_START_LEVELS_DBFS, align, mel_distance, pause_level_db, pesq_score, si_sdr, stoi_score,
+                      stream_start_overshoot_db, visqol_score)
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus")
 METRICS = ("pesq", "pesq_nb", "stoi", "mel_distance", "si_sdr", "pause_level_db",
@@ -292,6 +293,8 @@ def evaluate(codec, clips: list[Utterance], num_codebooks: list[int] | None = No
 
     model = model_description(codec, model_spec)
     model["bitrate_note"] = BITRATE_NOTE
+    model["stream_start_overshoot_db"] = {f"{level:g}": round(stream_start_overshoot_db(codec, level), 2)
+                                          for level in STREAM_START_LEVELS_DBFS}
     for k, rows in codebooks.items():
         # entropy-coded rate the codes actually used would need (bits per frame x frame rate)
         model.setdefault("entropy_kbps", {})[k] = sum(r["entropy_bits"] for r in rows) * codec.frame_rate / 1000
