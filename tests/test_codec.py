@@ -208,3 +208,73 @@ def test_input_high_pass_ignores_a_dc_offset_and_keeps_checkpoints_compatible():
     without = build_codec(config)
     assert set(without.state_dict()) == set(with_filter)
     without.load_state_dict(with_filter)
+
+
+# -- stream-start priming (codecs/stream_start.py) ----------------------------------------------------------------------
+
+def test_offline_codec_primes_each_stream_on_its_first_frame(codec):
+    """encode = the encoder run on (first frame reversed, then the audio) minus the stand-in's code; decode = the
+    decoder run on (first code frame, then the codes) minus the stand-in's audio. Each batch item uses its own first
+    frame. `stream_start: none` is the old zero-state start, and gives other codes."""
+    f = codec.frame_size
+    wav = signal(0.3, seed=4, batch=2)
+    assert wav.shape[-1] % f == 0
+    codes = codec.encode(wav)
+    with torch.no_grad():
+        latent = codec.encoder(torch.cat([wav[..., :f].flip(-1), wav], -1).to(codec.encoder_dtype))
+        assert torch.equal(codes, codec.quantizer.encode(latent, codec.num_codebooks)[..., 1:])
+        audio = codec.decoder(codec.quantizer.decode(torch.cat([codes[..., :1], codes], -1)).float())[..., f:]
+    torch.testing.assert_close(codec.decode(codes), audio, atol=1e-6, rtol=0)
+    assert torch.equal(codec.encode(wav[1:]), codes[1:])  # the other item's first frame does not leak in
+    codec.config.stream_start = "none"
+    try:
+        unprimed = codec.encode(wav)
+        with torch.no_grad():
+            assert torch.equal(unprimed, codec.quantizer.encode(codec.encoder(wav.to(codec.encoder_dtype)), codec.num_codebooks))
+        assert not torch.equal(unprimed, codes)
+        with codec.encoder.streaming(2):  # the streaming path follows the setting too
+            assert torch.equal(torch.cat([codec.encode_step(wav[..., :7]), codec.encode_step(wav[..., 7:])], -1), unprimed)
+    finally:
+        codec.config.stream_start = "mirror"
+
+
+@pytest.mark.parametrize("lengths", [(100,), (100, 50), (7, 7, 7), (319,), (150, 170, 200)], ids=str)
+def test_a_stream_shorter_than_its_first_frame_is_held_until_whole(codec, lengths):
+    """Before a session's first frame is whole there is nothing to prime with: encode_step holds the samples (no
+    codes yet) and encode_flush pads them, as offline encode pads a clip shorter than one frame."""
+    wav = signal(0.1, seed=9)[..., : sum(lengths)]
+    pieces, pos = [], 0
+    with codec.encoder.streaming(1):
+        for n in lengths:
+            pieces.append(codec.encode_step(wav[..., pos:pos + n]))
+            pos += n
+            if pos < codec.frame_size:
+                assert pieces[-1].shape == (1, codec.num_codebooks, 0)
+        pieces.append(codec.encode_flush())
+    assert torch.equal(torch.cat(pieces, -1), codec.encode(wav))
+
+
+def test_a_session_starting_beside_running_ones_needs_its_whole_first_frame(codec):
+    """A new session in a batch whose other sessions are mid-stream is primed under an execution mask, which needs its
+    whole first frame in one step: a shorter first chunk is refused with a clear error, and the batch loses nothing."""
+    from neurocodec.codecs.streaming import StreamingShapeError
+
+    f = codec.frame_size
+    a, b = signal(0.2, seed=12), signal(0.2, seed=13)
+    with codec.encoder.streaming(2):
+        first = codec.encode_step(torch.cat([a[..., :f], b[..., :f]]))
+        codec.encoder.reset_streaming(torch.tensor([False, True]))  # slot 1: a new session
+        with pytest.raises(StreamingShapeError, match="whole first frame"):
+            codec.encode_step(torch.cat([a[..., f:f + 7], b[..., :7]]))
+        rest = codec.encode_step(torch.cat([a[..., f:], b[..., : a.shape[-1] - f]]))
+    assert torch.equal(torch.cat([first[:1], rest[:1]], -1), codec.encode(a))
+    assert torch.equal(rest[1:], codec.encode(b[..., : a.shape[-1] - f]))
+
+
+def test_unknown_stream_start_mode_is_a_config_error():
+    from neurocodec.codecs.checkpoint import build_codec
+    from neurocodec.config import ConfigError, load_config
+
+    config = load_config("grvq_4cb", "tiny", ["model.stream_start=zeros"])["model"]
+    with pytest.raises(ConfigError, match="stream_start must be one of"):
+        build_codec(config)

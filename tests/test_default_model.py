@@ -29,6 +29,23 @@ def test_shipped_weights_are_a_trained_grvq_4cb():
     assert checkpoint.weights_sha256(codec) != checkpoint.weights_sha256(fresh)
 
 
+def test_shipped_model_opens_streams_without_a_click():
+    """Stream-start priming (codecs/stream_start.py): a stream that opens on noise gets a first frame at the input's
+    level (measured -0.9 / -2.1 / -0.4 dB at -60 / -40 / -30 dBFS), where the zero-state start of the same weights
+    puts +12 / +17 dB on it at -40 / -30 dBFS."""
+    from neurocodec.eval.metrics import STREAM_START_LEVELS_DBFS, stream_start_overshoot_db
+
+    codec = load_codec("default")
+    assert codec.config.stream_start == "mirror"
+    for level in STREAM_START_LEVELS_DBFS:
+        assert stream_start_overshoot_db(codec, level) < 3.0, level
+    codec.config.stream_start = "none"
+    try:
+        assert stream_start_overshoot_db(codec, -30.0) > 10.0  # the click the measure is for, without priming
+    finally:
+        codec.config.stream_start = "mirror"
+
+
 def test_missing_default_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(checkpoint, "DEFAULT_MODEL_PATH", tmp_path / "absent.safetensors")
     with pytest.raises(UserError, match="default model is not installed"):

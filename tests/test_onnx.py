@@ -84,6 +84,34 @@ def test_multi_frame_steps_for_a_fixed_batch(default_codec, speech, exported, tm
             pass
 
 
+def test_streams_are_primed_and_an_unprimed_export_is_read_as_such(default_codec, speech, tmp_path):
+    """The graphs are unprimed steps; the runner primes each stream (codecs/stream_start.py), with one-frame graphs
+    when a step has several frames. A codec set to `stream_start: none` exports without them, and its streams start
+    from zero state, as do folders exported before priming existed (no `stream_start` in streaming.json)."""
+    audio = speech[:1].numpy()
+    folder = export_streaming_onnx(default_codec, tmp_path, frames_per_step=2)
+    info = json.loads((folder / "streaming.json").read_text())
+    assert info["stream_start"] == "mirror" and (folder / info["prime_graphs"]["encode"]).is_file()
+    primed_codes, primed_audio = run_onnx(folder, audio, frames_per_call=2)
+    default_codec.config.stream_start = "none"
+    try:
+        folder = export_streaming_onnx(default_codec, tmp_path, frames_per_step=2)  # the same folder again
+        with torch.no_grad():
+            unprimed_codes = default_codec.encode(speech[:1]).numpy()
+            codes, decoded = run_onnx(folder, audio, frames_per_call=2)
+            unprimed_audio = default_codec.decode(torch.from_numpy(codes)).numpy()
+    finally:
+        default_codec.config.stream_start = "mirror"
+    info = json.loads((folder / "streaming.json").read_text())
+    assert info["stream_start"] == "none" and info["prime_graphs"] is None
+    assert not (folder / "encode_prime.onnx").exists() and not (folder / "decode_prime.onnx").exists()
+    assert (codes == unprimed_codes).mean() >= 0.99 and np.abs(decoded - unprimed_audio).max() < 1e-5
+    assert not np.array_equal(codes, primed_codes)
+    del info["stream_start"], info["prime_graphs"]  # as written before priming existed
+    (folder / "streaming.json").write_text(json.dumps(info))
+    assert np.array_equal(run_onnx(folder, audio, frames_per_call=2)[0], codes)
+
+
 @pytest.mark.parametrize("name", ["rvq_8cb", "fsq", "semanticodec_25tps", "xy_single", "xy_single+thresholds",
                                   "grvq_4cb+snake"])
 def test_every_audio_family_exports(name, tmp_path):

@@ -297,7 +297,7 @@ def test_a_frozen_stage_fits_balanced_code_thresholds_once_after_the_norms(tmp_p
     utt = read_manifest(str(DEMO), split="test")[0]
     wav = codec.pad_to_frames(load_audio(utt.path, codec.sample_rate).unsqueeze(0))
     with torch.no_grad():
-        axes = codec.quantizer.impl.project_in(codec.encoder(wav.to(codec.encoder_dtype)).transpose(1, 2))[0]
+        axes = codec.quantizer.impl.project_in(codec.encode_latent(wav).transpose(1, 2))[0]
     codes = codec.encode(wav).flatten()
     assert torch.equal(codes, lfq_entries(axes, codec.quantizer.thresholds)) and not torch.equal(codes, lfq_entries(axes))
 
@@ -386,7 +386,7 @@ def test_streaming_equals_offline_with_fitted_code_thresholds(clip):
     codec = load_codec(MODEL)
     wav = torch.cat([clip, 0.5 * clip.flip(-1), 2.0 * clip])
     with torch.no_grad():
-        latent = codec.encoder(wav.to(codec.encoder_dtype))
+        latent = codec.encode_latent(wav)
     codec.quantizer.fit_thresholds(latent.transpose(1, 2).reshape(-1, latent.shape[1]))
     frames = 3 * codec.num_frames(wav.shape[-1])
     assert len(codec.encode(wav).unique()) > 0.9 * frames  # fitted on these frames: nearly all distinct

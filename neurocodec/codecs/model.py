@@ -6,6 +6,9 @@ Interface (as audiocraft's / Moshi's `CompressionModel`): `sample_rate`, `frame_
 streaming steps `encode_step` / `encode_flush` / `decode_step` inside `streaming(batch_size)` (or the
 separate `encoder.streaming(...)` and `decoder.streaming(...)` contexts that a server keeps apart).
 
+Stream start: with `model.stream_start: mirror` (the default) every stream, offline or streamed, is primed on a
+stand-in for its missing past, which removes the click that a zero-state start makes (codecs/stream_start.py).
+
 Bitrate = sum over codebooks in use of log2(cardinality_k) x frame_rate (bits of the raw code indices,
 no entropy coding).
 
@@ -31,6 +34,8 @@ from ..errors import AudioError, CodesError
 from .quantizers import Quantizer, QuantizerConfig
 from .registry import Family
 from .seanet import SEANetConfig, SEANetDecoder, SEANetEncoder
+from .stream_start import MODES as STREAM_START_MODES
+from .stream_start import StreamStart, with_stand_in
 from .streaming import StreamingContainer
 
 
@@ -44,6 +49,13 @@ class CodecConfig:
     semanticodec: dict = field(default_factory=dict)  # semanticodec family options, validated by codecs.semanticodec.SemantiCodecOptions
     xy_single: dict = field(default_factory=dict)  # xy_single family options, validated by codecs.xy_single.XYSingleConfig
     image: dict = field(default_factory=dict)  # image family options, validated by neurocodec.image.model.ImageNetConfig
+    # How a stream starts (audio families, inference only): "mirror" primes the encoder on the first frame reversed
+    # and the decoder on the first code frame (codecs/stream_start.py); "none" starts from zero state, which clicks.
+    stream_start: str = "mirror"
+
+    def __post_init__(self) -> None:
+        if self.stream_start not in STREAM_START_MODES:
+            raise ValueError(f"stream_start must be one of {list(STREAM_START_MODES)}, got {self.stream_start!r}")
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "model") -> "CodecConfig":
@@ -116,6 +128,17 @@ class Codec(CodebookSelection, StreamingContainer):
         self.decoder = SEANetDecoder(config.seanet)
         self.quantizer = Quantizer(config.seanet.dimension, config.quantizer, sync_codebook=sync_codebook)
         self._num_codebooks = self.quantizer.total_codebooks
+        self.attach_stream_starts()
+
+    def attach_stream_starts(self) -> None:
+        """Per-session stream-start state inside the encoder's and the decoder's streaming contexts (no weights, so
+        checkpoints are unchanged). Every family's constructor calls this once its encoder and decoder exist."""
+        self.encoder.stream_start = StreamStart("encode", self.frame_size)
+        self.decoder.stream_start = StreamStart("decode", self.frame_size)
+
+    @property
+    def primes_stream_start(self) -> bool:
+        return self.config.stream_start == "mirror"
 
     # -- description ----------------------------------------------------------------------------
     @property
@@ -153,6 +176,7 @@ class Codec(CodebookSelection, StreamingContainer):
             "cardinality": self.cardinality,
             "bitrate_bps": self.bitrate,
             "algorithmic_latency_ms": 1000.0 * self.algorithmic_latency,
+            "stream_start": self.config.stream_start,
             "parameters": sum(p.numel() for p in self.parameters()),
         }
 
@@ -189,20 +213,32 @@ class Codec(CodebookSelection, StreamingContainer):
     def encoder_dtype(self) -> torch.dtype:
         return next(self.encoder.parameters()).dtype
 
-    def _encode_latent(self, wav: torch.Tensor) -> torch.Tensor:
-        return self.encoder(wav.to(self.encoder_dtype))
+    def encode_latent(self, wav: torch.Tensor) -> torch.Tensor:
+        """The encoder's output [B, D, N / hop] for whole-frame audio [B, 1, N], offline, as `encode` quantizes it."""
+        return self.encoder_offline(self.encoder, wav)
+
+    def encoder_offline(self, run, wav: torch.Tensor):
+        """`run` (the encoder, or a view of it such as xy_single's `encoder.branches`) on whole-frame audio offline,
+        primed as a stream starts (codecs/stream_start.py): the stand-in's frame is dropped from each output."""
+        wav = wav.to(self.encoder_dtype)
+        if not self.primes_stream_start:
+            return run(wav)
+        out = run(with_stand_in("encode", wav, self.frame_size))
+        return tuple(o[..., 1:] for o in out) if isinstance(out, tuple) else out[..., 1:]
 
     @torch.no_grad()
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
         """Codes [B, K, ceil(N / frame_size)] for audio [B, 1, N] at `sample_rate`."""
         self._check_wav(wav)
-        return self.quantizer.encode(self._encode_latent(self.pad_to_frames(wav)), self.num_codebooks)
+        return self.quantizer.encode(self.encode_latent(self.pad_to_frames(wav)), self.num_codebooks)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Audio [B, 1, T * frame_size] for codes [B, k, T]."""
         self.check_codes(codes)
-        return self._decode_latent(codes)
+        if not self.primes_stream_start:
+            return self._decode_latent(codes)
+        return self._decode_latent(with_stand_in("decode", codes, self.frame_size))[..., self.frame_size:]
 
     def _decode_latent(self, codes: torch.Tensor) -> torch.Tensor:
         decoder_dtype = next(self.decoder.parameters()).dtype
@@ -225,14 +261,27 @@ class Codec(CodebookSelection, StreamingContainer):
     # -- streaming ------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_step(self, chunk: torch.Tensor) -> torch.Tensor:
-        """Feed the next chunk of audio (any length) of each session; returns the frames it completes."""
+        """Feed the next chunk of audio (any length) of each session; returns the frames it completes. A session's
+        first step is primed (codecs/stream_start.py); before its first frame is whole, its samples are held."""
         self._check_wav(chunk)
-        return self.quantizer.encode(self._encode_latent(chunk), self.num_codebooks)
+        if not self.primes_stream_start:
+            return self.encode_frames(chunk)
+        return self.encoder.stream_start.step(chunk, self.encode_frames, self.encoder, empty=lambda: torch.zeros(
+            chunk.shape[0], self.num_codebooks, 0, dtype=torch.long, device=chunk.device))
+
+    @torch.no_grad()
+    def encode_frames(self, chunk: torch.Tensor) -> torch.Tensor:
+        """`encode_step` without stream-start priming: for callers that prime new sessions themselves (the server's
+        batcher, the ONNX runner) and step whole frames."""
+        self._check_wav(chunk)
+        return self.quantizer.encode(self.encoder(chunk.to(self.encoder_dtype)), self.num_codebooks)
 
     @torch.no_grad()
     def encode_flush(self) -> torch.Tensor:
         """End of stream: zero-pad the partial frame (as offline `encode` does) and return its codes."""
         seen = self.encoder.counter.samples_seen()
+        if self.primes_stream_start:  # a stream shorter than one frame is still held, not yet seen by the encoder
+            seen = seen + self.encoder.stream_start.held_samples()
         pending = {int(p) for p in seen % self.frame_size}
         if len(pending) > 1:
             raise ValueError("encode_flush() needs every session at the same position within a frame")
@@ -244,7 +293,16 @@ class Codec(CodebookSelection, StreamingContainer):
 
     @torch.no_grad()
     def decode_step(self, codes: torch.Tensor) -> torch.Tensor:
-        """Feed the next frames of codes [B, k, t]; returns their t * frame_size samples per session."""
+        """Feed the next frames of codes [B, k, t]; returns their t * frame_size samples per session. A session's
+        first step is primed (codecs/stream_start.py)."""
+        self.check_codes(codes)
+        if not self.primes_stream_start:
+            return self._decode_latent(codes)
+        return self.decoder.stream_start.step(codes, self._decode_latent, self.decoder)
+
+    @torch.no_grad()
+    def decode_frames(self, codes: torch.Tensor) -> torch.Tensor:
+        """`decode_step` without stream-start priming (see `encode_frames`)."""
         self.check_codes(codes)
         return self._decode_latent(codes)
 

@@ -10,10 +10,16 @@ overhead. The graphs also serve from any ONNX host, for example Triton's sequenc
     encode_step.onnx   (audio [B, 1, F * frame_size] float32, *states) -> (codes [B, K, F] int64, *new states)
     decode_step.onnx   (codes [B, K, F] int64, *states)                -> (audio [B, 1, F * frame_size], *new states)
     initial_states.npz the state of one stream at the start (each state has the batch in dimension 0)
-    streaming.json     rates, codebooks, F (`frames_per_step`) and the state names of each graph
+    streaming.json     rates, codebooks, F (`frames_per_step`), the state names of each graph, `stream_start`
+    encode_prime.onnx, decode_prime.onnx   the same steps for one frame (only when F > 1 and the codec primes)
 
 where F is fixed at export. A state input named `s` comes back as output `s.next`; feeding it to the next
 step continues the stream. Streams are independent along the batch dimension, so B streams step together.
+
+Stream start: the graphs are the unprimed steps. When `stream_start` is "mirror", a host primes each new stream
+before its first step, as `OnnxStreamingCodec` does: it runs one frame of stand-in (the stream's first frame of
+audio reversed in time; its first code frame) through the one-frame graph, keeps the states and drops the output
+(codecs/stream_start.py). Exports made before priming existed have no `stream_start` and start from zero state.
 
 Exactness: ONNX Runtime has no float64 convolution, so the exported encoder runs in float32, whereas
 `neurocodec encode` runs it in float64 to make streaming codes bitwise equal to offline ones
@@ -35,10 +41,12 @@ import torch
 from torch import nn
 
 from ..errors import CodesError, UserError
+from .stream_start import stand_in
 from .streaming import StreamingModule, step_state_fields
 
 ENCODE_GRAPH = "encode_step.onnx"
 DECODE_GRAPH = "decode_step.onnx"
+PRIME_GRAPHS = {"encode": "encode_prime.onnx", "decode": "decode_prime.onnx"}  # one-frame steps, when F > 1
 INITIAL_STATES = "initial_states.npz"
 MANIFEST = "streaming.json"
 OPSET = 18  # 18: BitwiseAnd, which LFQ's decoding needs (see _integer_and)
@@ -93,11 +101,14 @@ def _changed_slots(codec: nn.Module, step: str, example: torch.Tensor) -> list[t
 
 
 def _export_step(codec, step: str, example, input_name: str, output_name: str, path: Path,
-                 dynamic_batch: bool) -> tuple[list[str], dict]:
+                 dynamic_batch: bool, names: list[str] | None = None) -> tuple[list[str], dict]:
     """Trace one step from a fresh stream of the example's batch size and write its graph; returns the state
-    names and the initial state of one stream."""
+    names and the initial state of one stream. With `names`, the step must carry exactly those states (a
+    one-frame priming graph beside an F-frame one)."""
     with codec.streaming(example.shape[0]):
         slots = _changed_slots(codec, step, example)
+        if names is not None and [name for name, _, _ in slots] != names:
+            raise UserError(f"{path.name}: a one-frame step carries other states than a {example.shape[-1]}-frame one")
         codec.reset_streaming()
         states = [getattr(module._streaming_state, field) for _, module, field in slots]
         initial = {name: state[:1].numpy() for (name, _, _), state in zip(slots, states)}
@@ -151,8 +162,17 @@ def export_streaming_onnx(codec: nn.Module, folder: str | Path, frames_per_step:
         codec.encode(audio)  # fills the quantizer's cached search terms, so the trace holds only the search
         codes = torch.zeros(b, codec.num_codebooks, frames_per_step, dtype=torch.long)
         dynamic = batch_size is None
-        enc_names, enc_init = _export_step(codec, "encode_step", audio, "audio", "codes", folder / ENCODE_GRAPH, dynamic)
-        dec_names, dec_init = _export_step(codec, "decode_step", codes, "codes", "audio", folder / DECODE_GRAPH, dynamic)
+        enc_names, enc_init = _export_step(codec, "encode_frames", audio, "audio", "codes", folder / ENCODE_GRAPH, dynamic)
+        dec_names, dec_init = _export_step(codec, "decode_frames", codes, "codes", "audio", folder / DECODE_GRAPH, dynamic)
+        prime_graphs = None
+        if codec.primes_stream_start and frames_per_step > 1:
+            _export_step(codec, "encode_frames", audio[..., :codec.frame_size], "audio", "codes",
+                         folder / PRIME_GRAPHS["encode"], dynamic, enc_names)
+            _export_step(codec, "decode_frames", codes[..., :1], "codes", "audio", folder / PRIME_GRAPHS["decode"],
+                         dynamic, dec_names)
+            prime_graphs = PRIME_GRAPHS
+        for stale in set(PRIME_GRAPHS.values()) - set((prime_graphs or {}).values()):
+            (folder / stale).unlink(missing_ok=True)  # from an earlier export into the same folder
     finally:
         codec.set_exact_encoding(exact)
         codec.train(was_training)
@@ -163,6 +183,7 @@ def export_streaming_onnx(codec: nn.Module, folder: str | Path, frames_per_step:
         "sample_rate": codec.sample_rate, "frame_size": codec.frame_size, "frame_rate": codec.frame_rate,
         "frames_per_step": frames_per_step, "batch_size": batch_size, "num_codebooks": codec.num_codebooks, "cardinality": codec.cardinality,
         "opset": OPSET, "encode_states": enc_names, "decode_states": dec_names,
+        "stream_start": codec.config.stream_start, "prime_graphs": prime_graphs,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return folder
@@ -191,6 +212,14 @@ class OnnxStreamingCodec:
         options.inter_op_num_threads = 1
         self._encoder = ort.InferenceSession(str(folder / ENCODE_GRAPH), options, providers=["CPUExecutionProvider"])
         self._decoder = ort.InferenceSession(str(folder / DECODE_GRAPH), options, providers=["CPUExecutionProvider"])
+        # The one-frame steps that prime a new stream (None: streams start from zero state, as exported before
+        # priming existed). With F = 1 they are the step graphs themselves.
+        self._primers = None
+        if self.info.get("stream_start", "none") == "mirror":
+            graphs = self.info.get("prime_graphs")
+            self._primers = {"encode": self._encoder, "decode": self._decoder} if graphs is None else {
+                part: ort.InferenceSession(str(folder / graphs[part]), options, providers=["CPUExecutionProvider"])
+                for part in ("encode", "decode")}
         with np.load(folder / INITIAL_STATES) as saved:
             self._initial = {key: saved[key] for key in saved.files}
         self._states: dict[str, dict[str, np.ndarray]] | None = None
@@ -212,6 +241,7 @@ class OnnxStreamingCodec:
         self._states = {
             part: {name: np.repeat(self._initial[f"{part}/{name}"], batch_size, axis=0) for name in self.info[f"{part}_states"]}
             for part in ("encode", "decode")}
+        self._started = {"encode": False, "decode": False}  # every stream of the context starts on its first step
         try:
             yield
         finally:
@@ -220,6 +250,12 @@ class OnnxStreamingCodec:
     def _run(self, part: str, session, input_name: str, x: np.ndarray, steps: int) -> np.ndarray:
         if self._states is None:
             raise RuntimeError(f"{part}_step() called outside a streaming context")
+        if not self._started[part]:
+            if self._primers is not None:  # run the stand-in, keep the states it leaves, drop its output
+                prime = np.ascontiguousarray(stand_in(part, torch.from_numpy(x), self.frame_size).numpy())
+                _, *new = self._primers[part].run(None, {input_name: prime, **self._states[part]})
+                self._states[part] = dict(zip(self._states[part], new))
+            self._started[part] = True
         states, width, outputs = self._states[part], x.shape[-1] // steps, []
         for i in range(steps):
             out, *new = session.run(None, {input_name: x[..., i * width:(i + 1) * width], **states})

@@ -177,6 +177,7 @@ class SemantiCodec(Codec):
                                                    opts.clusters, opts.teacher_dim, sync_codebook=sync_codebook)
         self.decoder = SEANetDecoder(config.seanet)
         self._num_codebooks = self.quantizer.total_codebooks
+        self.attach_stream_starts()
 
     # -- training ---------------------------------------------------------------------------------
     def prepare_for_training(self, teacher, training_files=None, seed: int = 0, fine_tuning: bool = False) -> None:

@@ -96,6 +96,10 @@ def _masked_update(old: torch.Tensor, new: torch.Tensor, state: StreamingState, 
 class StreamingModule(nn.Module):
     """A module that can hold a streaming state. Subclasses implement `_init_streaming_state`."""
 
+    # Whether a whole-frame step (exported ONNX graphs, traced served steps) reads and writes this module's state;
+    # False for bookkeeping that only the chunk-by-chunk path needs (see `step_state_fields`).
+    in_frame_steps = True
+
     def __init__(self) -> None:
         super().__init__()
         self._streaming_state: StreamingState | None = None
@@ -218,6 +222,8 @@ class _CounterState(StreamingState):
 class SampleCounter(StreamingModule):
     """Counts the samples each session has fed, so that a stream can be flushed to a whole frame."""
 
+    in_frame_steps = False  # only `encode_flush` of a partial frame reads it
+
     def _init_streaming_state(self, batch_size: int) -> _CounterState:
         mask = torch.ones(batch_size, dtype=torch.bool)
         return _CounterState(exec_mask=mask, samples=torch.zeros(batch_size, dtype=torch.long))
@@ -236,10 +242,10 @@ class SampleCounter(StreamingModule):
 
 def step_state_fields(root: nn.Module) -> list[tuple[str, StreamingModule, str]]:
     """(module name under `root`, layer, field) of every state tensor of an open streaming context, in a fixed order:
-    what a whole-frame step reads and writes (exported ONNX graphs, traced served steps). The sample counter is left
-    out: it only serves `encode_flush` of a partial frame."""
+    what a whole-frame step reads and writes (exported ONNX graphs, traced served steps). Modules with
+    `in_frame_steps = False` (the sample counter, stream-start bookkeeping) are left out."""
     return [(name, m, f) for name, m in root.named_modules()
-            if isinstance(m, StreamingModule) and not isinstance(m, SampleCounter) and m._streaming_state is not None
+            if isinstance(m, StreamingModule) and m.in_frame_steps and m._streaming_state is not None
             for f in m._streaming_state.tensor_fields()]
 
 

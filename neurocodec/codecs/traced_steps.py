@@ -3,7 +3,7 @@
 `SelectedStep(codec, "encode")(x, slots)` returns what
 
     with codec.encoder.select_sessions(slots):
-        codec.encode_step(x)
+        codec.encode_frames(x)
 
 returns, and leaves the same states behind, but runs the gather of the sessions' states, the step and the
 scatter back as one traced graph.
@@ -15,12 +15,14 @@ calls, so a worker that has to win the GIL back hundreds of times per step waits
 kernels in the same order, so its results are bitwise those of eager PyTorch (float64 encoders included, which is
 what keeps served codes equal to offline `encode`), and it holds no GIL while it runs.
 
-Graphs are traced per input shape (one frame; for decoding, each number of codebooks: a step of several frames
-runs as one-frame calls in a row), the first time a shape is met, from a private copy of the codec made at the first trace: tracing never touches the served sessions'
-states, and weights or settings (e.g. `set_exact_encoding`) changed after it are not seen (a served codec's are
-fixed). The encode and decode steps each keep their own copy: twice the codec's weights in memory. Each graph is
-checked against eager steps on that copy before use; a graph that differs (a layer whose step depends on Python
-values the tracer cannot follow) is not used, and that shape keeps running eagerly.
+Graphs are traced per input shape (one frame; for decoding, each number of codebooks: a step of several frames runs
+as one-frame calls in a row), the first time a shape is met, from a private copy of the codec made at the first
+trace: tracing never touches the served sessions' states, and weights or settings (e.g. `set_exact_encoding`)
+changed after it are not seen (a served codec's are fixed). The steps are unprimed (`encode_frames` /
+`decode_frames`): the caller runs a new session's stream-start stand-in through the same step first
+(serve/batcher.py, codecs/stream_start.py). The encode and decode steps each keep their own copy: twice the codec's
+weights in memory. Each graph is checked against eager steps on that copy before use; a graph that differs (a layer
+whose step depends on Python values the tracer cannot follow) is not used, and that shape keeps running eagerly.
 
 The graph executor's optimising passes are switched off around each call: they re-specialise the graph to every
 new batch size, and with a batch that changes at every step they made it 2-5x slower than eager (measured on the
@@ -54,7 +56,7 @@ class _GatherStepScatter(nn.Module):
 
     def __init__(self, codec: nn.Module, kind: str, module: nn.Module, fields: list[tuple[str, str]]) -> None:
         super().__init__()
-        self.codec, self.step = codec, f"{kind}_step"
+        self.codec, self.step = codec, f"{kind}_frames"
         self.targets = [(module.get_submodule(name), f) for name, f in fields]
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor, *states: torch.Tensor) -> torch.Tensor:
@@ -87,7 +89,7 @@ class SelectedStep:
         graph = self.graph_for(x) if self.traced else None
         if graph is None:
             with self.module.select_sessions(slots):
-                return getattr(self.codec, f"{self.kind}_step")(x)
+                return getattr(self.codec, f"{self.kind}_frames")(x)
         if self._targets is None:
             self._targets = [(self.module.get_submodule(name), f) for name, f in _state_fields(self.module)]
         states = [getattr(m._streaming_state, f) for m, f in self._targets]
@@ -110,7 +112,7 @@ class SelectedStep:
                     m._streaming_state = None
         private = self._private
         module = private.encoder if self.kind == "encode" else private.decoder
-        step = getattr(private, f"{self.kind}_step")
+        step = getattr(private, f"{self.kind}_frames")
         example = torch.zeros((len(_PROBE_SLOTS), *x.shape[1:]), dtype=x.dtype)
         slots = torch.tensor(_PROBE_SLOTS)
         with module.streaming(_PROBE_BATCH):

@@ -116,6 +116,7 @@ class XYSingleCodec(Codec):
         # Training only: maps the semantic branch to the teacher's feature space for the cosine loss.
         self.distill_proj = nn.Conv1d(xy.semantic.dimension, xy.teacher_dim, 1)
         self._num_codebooks = 1
+        self.attach_stream_starts()
 
     @torch.no_grad()
     def warm_start_input(self, frames: int) -> torch.Tensor:

@@ -4,11 +4,15 @@ One codec instance serves every session of a model. Its encoder and decoder stay
 `streaming(max_streams)` contexts for the server's lifetime; each session owns one batch slot of that
 state. A single worker thread repeatedly takes every session that has a whole frame buffered (and room
 in its output queue), stacks their frames into one `[ready, 1, frame_size]` batch and runs ONE
-`encode_step` on just those slots (`select_sessions`, as one traced graph: codecs/traced_steps.py); likewise
-one `decode_step` per distinct codebook count among ready decode sessions. A step costs what its ready
+`encode_frames` step on just those slots (`select_sessions`, as one traced graph: codecs/traced_steps.py);
+likewise one `decode_frames` step per distinct codebook count among ready decode sessions. A step costs what its ready
 sessions cost, not `max_streams` of them; idle slots keep their state untouched, a new session's slot is
 `reset_streaming`-ed before its first step, and a step's outputs go back to the sessions' event loop in one
 `call_soon_threadsafe`.
+
+Stream start: the steps are unprimed (`encode_frames` / `decode_frames`), so before a session's first step the
+worker runs its stand-in (the first frame reversed; the first code frame) through one batched step of the sessions
+that start now and drops that output (codecs/stream_start.py): served codes and audio stay equal to offline ones.
 
 The batch grows with the load by itself: while a step runs, the frames of other sessions arrive, and
 the next step takes them all (continuous batching; no timer waits for a batch to fill).
@@ -32,6 +36,7 @@ import grpc
 import numpy as np
 import torch
 
+from ..codecs.stream_start import stand_in
 from ..codecs.traced_steps import SelectedStep
 from .wire import ServeError
 
@@ -62,6 +67,7 @@ class Session:
     outstanding: int = 0  # outputs queued and not yet taken by the handler
     next_index: int = 0
     private_state: list | None = None  # batching=False: this session's own module states
+    primed: bool = False  # worker thread only: its stream-start stand-in has been stepped
     started: float = field(default_factory=time.monotonic)
 
     def _deliver(self, item) -> None:
@@ -118,8 +124,8 @@ class Worker:
             self._contexts.append(ctx)
         with torch.no_grad():  # warm-up: first calls allocate and pick kernels
             for _ in range(3):
-                codes = self.codec.encode_step(torch.zeros(batch, 1, self.frame_size))
-                self.codec.decode_step(codes)
+                codes = self.codec.encode_frames(torch.zeros(batch, 1, self.frame_size))
+                self.codec.decode_frames(codes)
             if self.batching:  # trace the one-frame steps now, not while serving (longer steps reuse them)
                 slots = torch.arange(min(2, batch))
                 codes = self.selected_steps["encode"](torch.zeros(len(slots), 1, self.frame_size), slots)
@@ -279,10 +285,13 @@ class Worker:
             module.reset_streaming(mask)
         if not ready:
             return False
-        if self.batching:
-            outputs = self._batched(kind, ready)
-        else:
-            outputs = [self._single(kind, s, item) for s, item in ready]
+        starting = [(s, item) for s, item in ready if not s.primed]
+        if starting and self.codec.primes_stream_start:
+            # the stand-ins' outputs are dropped: the step only brings the new sessions' states up to their start
+            self._step_sessions(kind, [(s, stand_in(kind, torch.from_numpy(item), self.frame_size).numpy()) for s, item in starting])
+        for s, _ in starting:
+            s.primed = True
+        outputs = self._step_sessions(kind, ready)
         self.steps[kind] += 1
         self.frames[kind] += len(ready) * frames
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
@@ -294,6 +303,11 @@ class Worker:
         for loop, items in by_loop.items():  # one wake-up of each event loop per step, not one per frame
             loop.call_soon_threadsafe(_deliver_all, items)
         return True
+
+    def _step_sessions(self, kind: str, ready: list) -> list[np.ndarray]:
+        if self.batching:
+            return self._batched(kind, ready)
+        return [self._single(kind, s, item) for s, item in ready]
 
     def _batched(self, kind: str, ready: list) -> list[np.ndarray]:
         """Encode: codes [K_session, frames] per session; decode: audio [frames * frame_size] per session."""
@@ -320,5 +334,5 @@ class Worker:
         for m, state in zip(module._streaming_modules(), s.private_state):
             m._streaming_state = state  # swap this session's own state in (states are updated in place)
         if kind == "encode":
-            return self.codec.encode_step(torch.from_numpy(item).view(1, 1, -1))[0, : s.num_codebooks].numpy()
-        return self.codec.decode_step(torch.from_numpy(item).unsqueeze(0))[0, 0].numpy()
+            return self.codec.encode_frames(torch.from_numpy(item).view(1, 1, -1))[0, : s.num_codebooks].numpy()
+        return self.codec.decode_frames(torch.from_numpy(item).unsqueeze(0))[0, 0].numpy()

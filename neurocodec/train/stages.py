@@ -103,7 +103,7 @@ class StageWork(L.Callback):
             # no more than the frames still wanted, so a long last recording costs no more than it gives
             wav = codec.pad_to_frames(wav[:, : (frames - have) * codec.frame_size].unsqueeze(0)).to(module.device)
             with torch.autocast(module.device.type, enabled=False):  # full precision, as inference encodes
-                latent = codec._encode_latent(wav)  # [1, D, T]: what the frozen quantizer sees at inference
+                latent = codec.encode_latent(wav)  # [1, D, T]: what the frozen quantizer sees at inference
             latents.append(latent[0].t().double())
             have += latents[-1].shape[0]
             bar.update(latents[-1].shape[0])
