@@ -58,7 +58,7 @@ def report(model: str, manifest: str, split: str | None, config: str | None, max
     cos_sum, frames, seconds = 0.0, 0, 0.0
     for utt in tqdm(utts, desc="clips", unit="clip"):
         wav = codec.pad_to_frames(load_audio(utt.path, codec.sample_rate).unsqueeze(0))
-        latent, semantic = codec.encoder_offline(codec.encoder.branches, wav)
+        latent, semantic = codec.encoder_offline(codec.encoder.branches, wav.to(codec.encoder_dtype))
         codes = codec.quantizer.encode(latent, 1)
         usage.update(codes)
         all_codes.append(codes.flatten())

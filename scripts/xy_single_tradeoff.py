@@ -51,7 +51,7 @@ def latent_and_log_mel(codec, utts: list) -> tuple[torch.Tensor, torch.Tensor]:
     latents, mels = [], []
     for utt in tqdm(utts, desc="clips", unit="clip", leave=False):
         wav = codec.pad_to_frames(load_audio(utt.path, codec.sample_rate).unsqueeze(0))
-        latent, _ = codec.encoder_offline(codec.encoder.branches, wav)
+        latent, _ = codec.encoder_offline(codec.encoder.branches, wav.to(codec.encoder_dtype))
         latents.append(latent[0].t().double())
         mels.append((mel(wav[0, 0].float()) + 1e-7).log10().t().double())
         assert len(mels[-1]) == len(latents[-1]), f"{utt.path}: {len(mels[-1])} mel frames, {len(latents[-1])} codec frames"

@@ -249,12 +249,12 @@ class SemantiCodec(Codec):
         (cross-entropy of the student's prediction against the k-means ids)."""
         if wav.shape[-1] % self.frame_size:
             raise ValueError(f"training input length {wav.shape[-1]} is not a multiple of the frame size {self.frame_size}")
-        latent = self.encoder(wav)
+        latent = self.encoder_offline(self.encoder, wav)
         semantic, acoustic = self.quantizer.split(latent)
         logits = self.quantizer.semantic_logits(semantic)
         ids = logits.argmax(1)  # the decoder sees what inference will give it
         q = self.quantizer.acoustic(acoustic)
-        audio = self.decoder(self.quantizer.embed(ids).to(q.z_q.dtype) + q.z_q)
+        audio = self.decoder_offline(self.quantizer.embed(ids).to(q.z_q.dtype) + q.z_q)
         codes = torch.cat([ids.unsqueeze(1), q.codes], dim=1)
         metrics = codebook_metrics(codes.detach(), self.quantizer.cardinalities)
         aux = {}

@@ -169,9 +169,9 @@ class XYSingleCodec(Codec):
         (1 - cosine, averaged over frames)."""
         if wav.shape[-1] % self.frame_size:
             raise ValueError(f"training input length {wav.shape[-1]} is not a multiple of the frame size {self.frame_size}")
-        latent, semantic = self.encoder.branches(wav)
+        latent, semantic = self.encoder_offline(self.encoder.branches, wav)
         q = self.quantizer(latent)
-        audio = self.decoder(q.z_q)
+        audio = self.decoder_offline(q.z_q)
         metrics, aux = dict(q.metrics), {}
         if teacher_features is not None:
             cosine = self.distill_cosine(semantic, teacher_features).mean()
