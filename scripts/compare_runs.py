@@ -12,7 +12,8 @@ files; a file's step is its `gen_step` metadata (a lone file without it, e.g. fr
 step 0). Each file and the reference (`--reference`, default the shipped model) are scored with `neurocodec eval`
 (no baselines) on the first --max-clips clips of every `test_<speaker>.jsonl` of the corpus; the results are
 cached in `<out>/eval/`, named by the weights' SHA-256 and the clip count, so a rerun only scores what is new and a
-changed file (a new shipped model) is scored again, as is a cached evaluation that predates the metric asked for.
+changed file (a new shipped model) is scored again, as is a cached evaluation that predates the metric asked for or
+stream-start priming.
 
 `--metric` picks the per-clip score that is compared (default PESQ-WB; also STOI, mel distance, SI-SDR, PESQ-NB,
 and the level in pauses, `pause_level_db`: how many dB louder than the original the output is in the clip's quiet
@@ -116,10 +117,15 @@ def cell(stat: dict) -> str:
 
 def is_cached(out: Path, metric: str) -> bool:
     """A cached evaluation serves unless it was written before `neurocodec eval` had `metric` (its rows lack the
-    field; e.g. pause_level_db, day 26). One whose every clip failed stays cached: it is reported, not rescored."""
+    field; e.g. pause_level_db, day 26), or before streams were primed (its model lacks `stream_start`, day 27: the
+    same weights then gave other codes and audio at each clip's start). One whose every clip failed stays cached: it
+    is reported, not rescored."""
     if not out.is_file():
         return False
-    rows = [row for clip in json.loads(out.read_text())["clips"] for row in clip.get("systems", {}).values()]
+    cached = json.loads(out.read_text())
+    if "stream_start" not in cached.get("model", {}):
+        return False
+    rows = [row for clip in cached["clips"] for row in clip.get("systems", {}).values()]
     return not rows or any(metric in row for row in rows)
 
 

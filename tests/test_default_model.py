@@ -223,6 +223,16 @@ def test_compare_runs_pairs_checkpoints_with_the_reference_and_the_arms_at_commo
     assert len(script.clip_scores(json.loads(stale.read_text()), "pause_level_db")) == 2  # both demo clips have pauses
     assert "(level in pauses, dB over the original (lower is better), paired per clip)" in \
         (out / "compare_pause_level_db.md").read_text()
+    # ... and one written before streams were primed (no model.stream_start) is scored again, whatever the metric
+    unprimed = next((out / "eval").glob("B_step4_*_june_wallack.json"))
+    payload = json.loads(unprimed.read_text())
+    del payload["model"]["stream_start"]
+    unprimed.write_text(json.dumps(payload))
+    others = {p: p.stat().st_mtime_ns for p in (out / "eval").iterdir() if p != unprimed}
+    assert script.main(["--corpus", str(corpus), "--arm", f"A={tmp_path / 'a'}", "--arm", f"B={tmp_path / 'b'}",
+                        "--reference", str(reference), "--max-clips", "2", "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "eval").iterdir() if p != unprimed} == others
+    assert json.loads(unprimed.read_text())["model"]["stream_start"] == "mirror"
     # the cache is keyed by the weights: other weights under the same arm name and step are scored anew
     save_codec(build_codec(load_config("grvq_4cb", "tiny")["model"], name="grvq_4cb:tiny").eval(),
                tmp_path / "b" / "exports" / "codec_step0000004.safetensors", metadata={"gen_step": 4})

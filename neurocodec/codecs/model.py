@@ -49,8 +49,8 @@ class CodecConfig:
     semanticodec: dict = field(default_factory=dict)  # semanticodec family options, validated by codecs.semanticodec.SemantiCodecOptions
     xy_single: dict = field(default_factory=dict)  # xy_single family options, validated by codecs.xy_single.XYSingleConfig
     image: dict = field(default_factory=dict)  # image family options, validated by neurocodec.image.model.ImageNetConfig
-    # How a stream starts (audio families, inference only): "mirror" primes the encoder on the first frame reversed
-    # and the decoder on the first code frame (codecs/stream_start.py); "none" starts from zero state, which clicks.
+    # How a stream (and a training crop) starts, audio families: "mirror" primes the encoder on the first frame
+    # reversed and the decoder on the first code frame (codecs/stream_start.py); "none" starts from zero state.
     stream_start: str = "mirror"
 
     def __post_init__(self) -> None:
@@ -221,10 +221,7 @@ class Codec(CodebookSelection, StreamingContainer):
     def encoder_offline(self, run, wav: torch.Tensor):
         """`run` (the encoder, or a view of it such as xy_single's `encoder.branches`) on whole-frame audio offline,
         primed as a stream starts (codecs/stream_start.py): the stand-in's frame is dropped from each output.
-
-        Training primes too (every family's `forward`): a crop that started from zero state would let the model
-        treat its first frame as a marker. It did: with the PESQ loss, 4,000 steps learnt to put a near full-scale
-        300-1000 Hz burst there, which PESQ-WB scores +0.23 higher on gcin_3 (day 27)."""
+        Every family's training `forward` goes through it too (the module docstring there says why)."""
         if not self.primes_stream_start:
             return run(wav)
         out = run(with_stand_in("encode", wav, self.frame_size))

@@ -160,10 +160,12 @@ def stream_start_overshoot_db(codec, level_dbfs: float, seeds: int = 5, seconds:
     at `level_dbfs` (the worst of `seeds` draws). About 0 for a codec without a start transient; later frames of
     the same noise come out at the input's level.
 
-    Why: every stream, and every offline encode, starts from zero state, so the first frame's encoder sees a step
-    from silence to the signal. Day 26 found models that turn that step into a click: the shipped model gives the
-    first 20 ms of -30 dBFS noise +17 dB, and 4,000 steps of the PESQ-loss recipe pushed it to full scale. A
-    microphone stream that opens on room noise clicks; no per-clip score sees it (clips start in near silence)."""
+    Why: a stream that starts from zero state (`model.stream_start: none`) gives its first encoder frame a step from
+    silence to the signal. Day 26 found models that turn that step into a click: the shipped model gave the first
+    20 ms of -30 dBFS noise +17 dB, and 4,000 steps of the PESQ-loss recipe pushed it to full scale. A microphone
+    stream that opens on room noise clicks, and per-clip scores hardly see it (clips start in near silence; PESQ-WB
+    even rewarded one such burst, day 27). Priming (codecs/stream_start.py) brings it to about 0 dB; this measure
+    guards that."""
     frame = codec.frame_size
     n = max(2, int(round(seconds * codec.sample_rate / frame))) * frame
     worst = -math.inf
