@@ -59,13 +59,10 @@ class _StreamStartState(StreamingState):
 
 
 class StreamStart(StreamingModule):
-    in_frame_steps = False  # whole-frame steps (ONNX graphs, traced served steps) do not carry this state
     """Per-session stream-start bookkeeping inside an encoder's or decoder's streaming context (no weights), so
-    that `reset_streaming`, `select_sessions` and execution masks treat it like every other layer's state.
+    that `reset_streaming`, `select_sessions` and execution masks treat it like every other layer's state."""
 
-    `step(x, run)` returns `run(x)` after priming the executing sessions that have not started: `run` is the
-    unprimed streaming step (`Codec.encode_frames` / `decode_frames`), and `owner` the module whose execution
-    mask limits the stand-in to those sessions when others in the batch are already running."""
+    in_frame_steps = False  # whole-frame steps (ONNX graphs, traced served steps) do not carry this state
 
     def __init__(self, kind: str, frame_size: int) -> None:
         super().__init__()
@@ -83,7 +80,10 @@ class StreamStart(StreamingModule):
         return int(self._streaming_state.held.shape[-1])
 
     def step(self, x: torch.Tensor, run, owner: StreamingModule, empty=None) -> torch.Tensor:
-        """`empty()` (encoder side): the output of a step that completes no frame, while a first frame is held."""
+        """`run(x)` after priming the executing sessions that have not started. `run` is the unprimed streaming step
+        (`Codec.encode_frames` / `decode_frames`); `owner` the encoder or decoder, whose execution mask limits the
+        stand-in to the starting sessions when others in the batch are running; `empty()` (encoder side) the output
+        of a step that completes no frame, while a first frame is still held."""
         state = self._streaming_state
         if state is None:
             raise RuntimeError(f"{self.kind}_step() called outside a streaming context")
@@ -93,7 +93,10 @@ class StreamStart(StreamingModule):
         everyone = state.all_execute and bool(starting.all())
         if self.kind == "encode" and (state.held.shape[-1] or x.shape[-1] < self.unit):
             if not everyone:
-                raise _partial_start_error()
+                raise StreamingShapeError(
+                    "a session that starts beside running ones (or under an execution mask) must bring its whole "
+                    "first frame in its first step: priming needs that frame (feed whole frames, or start all "
+                    "sessions together)")
             x = torch.cat([state.held.to(x), x], dim=-1)
             if x.shape[-1] < self.unit:  # hold on until the first frame is whole
                 state.held = x
@@ -114,8 +117,3 @@ class StreamStart(StreamingModule):
         state.started = state.started | starting
         return run(x)
 
-
-def _partial_start_error() -> StreamingShapeError:
-    return StreamingShapeError(
-        "a session that starts beside running ones (or under an execution mask) must bring its whole first frame "
-        "in its first step: priming needs that frame (feed whole frames, or start all sessions together)")

@@ -1,14 +1,13 @@
 """Session slots and the model worker (the Triton sequence-batcher / Kyutai batched-server pattern).
 
-One codec instance serves every session of a model. Its encoder and decoder stay inside
-`streaming(max_streams)` contexts for the server's lifetime; each session owns one batch slot of that
-state. A single worker thread repeatedly takes every session that has a whole frame buffered (and room
-in its output queue), stacks their frames into one `[ready, 1, frame_size]` batch and runs ONE
-`encode_frames` step on just those slots (`select_sessions`, as one traced graph: codecs/traced_steps.py);
-likewise one `decode_frames` step per distinct codebook count among ready decode sessions. A step costs what its ready
-sessions cost, not `max_streams` of them; idle slots keep their state untouched, a new session's slot is
-`reset_streaming`-ed before its first step, and a step's outputs go back to the sessions' event loop in one
-`call_soon_threadsafe`.
+One codec instance serves every session of a model. Its encoder and decoder stay inside `streaming(max_streams)`
+contexts for the server's lifetime; each session owns one batch slot of that state. A single worker thread
+repeatedly takes every session that has a whole frame buffered (and room in its output queue), stacks their frames
+into one `[ready, 1, frame_size]` batch and runs ONE `encode_frames` step on just those slots (`select_sessions`, as
+one traced graph: codecs/traced_steps.py); likewise one `decode_frames` step per distinct codebook count among ready
+decode sessions. A step costs what its ready sessions cost, not `max_streams` of them; idle slots keep their state
+untouched, a new session's slot is `reset_streaming`-ed before its first step, and a step's outputs go back to the
+sessions' event loop in one `call_soon_threadsafe`.
 
 Stream start: the steps are unprimed (`encode_frames` / `decode_frames`), so before a session's first step the
 worker runs its stand-in (the first frame reversed; the first code frame) through one batched step of the sessions
@@ -288,7 +287,8 @@ class Worker:
         starting = [(s, item) for s, item in ready if not s.primed]
         if starting and self.codec.primes_stream_start:
             # the stand-ins' outputs are dropped: the step only brings the new sessions' states up to their start
-            self._step_sessions(kind, [(s, stand_in(kind, torch.from_numpy(item), self.frame_size).numpy()) for s, item in starting])
+            self._step_sessions(kind, [(s, stand_in(kind, torch.from_numpy(item), self.frame_size).numpy())
+                                       for s, item in starting])
         for s, _ in starting:
             s.primed = True
         outputs = self._step_sessions(kind, ready)
