@@ -25,6 +25,7 @@ from neurocodec.codecs.checkpoint import load_codec, read_metadata
 from neurocodec.config import ConfigError
 from neurocodec.data.dataset import AudioSegmentDataset
 from neurocodec.errors import UserError
+from neurocodec.eval.metrics import stream_start_overshoot_db
 from neurocodec.train.datamodule import CodecDataModule
 from neurocodec.train.fit import FitArgs, choose_run_dir, main, resolve_config, run_training
 
@@ -371,6 +372,7 @@ def test_export_loads_and_encodes_with_validation_metrics(tmp_path):
     metrics = summary["metrics"]
     for key in ("valid/mel", "valid/pesq", "valid/stoi", "valid/codebook0/usage", "valid/codebook3/perplexity"):
         assert key in metrics
+    assert metrics["valid/stream_start_overshoot_db"] == pytest.approx(stream_start_overshoot_db(codec, -30.0), abs=0.05)
     shares = summary["train_crops_per_speaker"]  # speaker_balance 1: every demo speaker equally often
     assert len(shares) >= 3 and sum(shares.values()) == pytest.approx(1.0, abs=1e-4)
     assert max(shares.values()) == pytest.approx(min(shares.values()), abs=1e-5)

@@ -26,7 +26,7 @@ starts from zero state gives the model a frame it can tell apart, and the PESQ l
 which PESQ-WB scores higher (day 27: +0.23 on gcin_3 after 4,000 steps). Priming makes the start harder to tell
 apart, not impossible (the stand-ins are a mirrored frame and a repeated code): with primed crops the same recipe
 left the start quiet for 2,000 steps but had grown it back to +17 dB on -30 dBFS noise by 4,000. Watch
-`stream_start_overshoot_db` when training with a PESQ loss.
+`valid/stream_start_overshoot_db` when training with a PESQ loss.
 """
 
 from __future__ import annotations

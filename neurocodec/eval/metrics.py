@@ -171,8 +171,8 @@ def stream_start_overshoot_db(codec, level_dbfs: float, seeds: int = 5, seconds:
     worst = -math.inf
     for seed in range(seeds):
         noise = np.random.default_rng(seed).standard_normal(n) * 10 ** (level_dbfs / 20)
-        wav = torch.from_numpy(noise.astype(np.float32)).view(1, 1, -1)
-        out = codec.decode(codec.encode(wav))[0, 0, :frame].double()
+        wav = torch.from_numpy(noise.astype(np.float32)).view(1, 1, -1).to(next(codec.parameters()).device)
+        out = codec.decode(codec.encode(wav))[0, 0, :frame].double().cpu()
         first = 10 * math.log10(float(out.pow(2).mean()) + 1e-20)
         worst = max(worst, first - 10 * math.log10(float(np.mean(noise[:frame] ** 2)) + 1e-20))
     return float(worst)

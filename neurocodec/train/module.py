@@ -22,7 +22,7 @@ from torch import nn
 
 from ..codecs.quantizers import CodebookUsage
 from ..config import ConfigError
-from ..eval.metrics import pesq_score, stoi_score
+from ..eval.metrics import pesq_score, stoi_score, stream_start_overshoot_db
 from .config import TrainConfig, discriminator_on_at, discriminator_steps, loss_weights_at, stage_index
 from .discriminators import Discriminators
 from .ema import WeightEMA
@@ -295,6 +295,9 @@ class CodecTrainingModule(L.LightningModule):
             metrics["valid/pesq"] = float(scores[0] / scores[1])
         if scores[3] > 0:
             metrics["valid/stoi"] = float(scores[2] / scores[3])
+        # The stream-start click (eval/metrics.py), the same on every process: a PESQ loss learns to make the first
+        # frame loud, which PESQ-WB rewards and no validation score shows (day 27).
+        metrics["valid/stream_start_overshoot_db"] = stream_start_overshoot_db(v["codec"], -30.0)
         # Values are already the same on every process: log without another reduction.
         self.log_dict(metrics, sync_dist=False)
         self._val = {}
