@@ -93,6 +93,9 @@ def test_streams_are_primed_and_an_unprimed_export_is_read_as_such(default_codec
     info = json.loads((folder / "streaming.json").read_text())
     assert info["stream_start"] == "mirror" and (folder / info["prime_graphs"]["encode"]).is_file()
     primed_codes, primed_audio = run_onnx(folder, audio, frames_per_call=2)
+    with torch.no_grad():
+        assert (primed_codes == default_codec.encode(speech[:1]).numpy()).mean() >= 0.99
+        assert np.abs(primed_audio - default_codec.decode(torch.from_numpy(primed_codes)).numpy()).max() < 1e-5
     default_codec.config.stream_start = "none"
     try:
         folder = export_streaming_onnx(default_codec, tmp_path, frames_per_step=2)  # the same folder again
