@@ -168,10 +168,12 @@ def stream_start_overshoot_db(codec, level_dbfs: float, seeds: int = 5, seconds:
     guards that."""
     frame = codec.frame_size
     n = max(2, int(round(seconds * codec.sample_rate / frame))) * frame
+    # training measures its validation codec where it lives (a GPU); anything else that encodes and decodes: the CPU
+    device = next(codec.parameters()).device if isinstance(codec, torch.nn.Module) else torch.device("cpu")
     worst = -math.inf
     for seed in range(seeds):
         noise = np.random.default_rng(seed).standard_normal(n) * 10 ** (level_dbfs / 20)
-        wav = torch.from_numpy(noise.astype(np.float32)).view(1, 1, -1).to(next(codec.parameters()).device)
+        wav = torch.from_numpy(noise.astype(np.float32)).view(1, 1, -1).to(device)
         out = codec.decode(codec.encode(wav))[0, 0, :frame].double().cpu()
         first = 10 * math.log10(float(out.pow(2).mean()) + 1e-20)
         worst = max(worst, first - 10 * math.log10(float(np.mean(noise[:frame] ** 2)) + 1e-20))
