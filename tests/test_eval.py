@@ -120,8 +120,8 @@ def test_pause_level_measures_what_the_output_adds_in_pauses():
     assert pause_level_db(loud, loud, 16000) is None
 
 
-def test_stream_start_overshoot_is_the_first_frames_excess_over_the_input():
-    """0 dB for a codec that passes audio through; a codec whose first frame comes out 10x louder (a click at
+def test_stream_start_overshoot_is_the_loudest_early_frames_excess_over_the_input():
+    """0 dB for a codec that passes audio through; a codec whose first (or fifth) frame comes out 10x louder (a click at
     the start of every stream) measures +20 dB at every level."""
     import torch
 
@@ -142,9 +142,16 @@ def test_stream_start_overshoot_is_the_first_frames_excess_over_the_input():
             out[..., :self.frame_size] *= 10
             return out
 
+    class ClickInFifthFrame(PassThrough):  # where a burst learnt by the PESQ loss, which skips 60 ms, would sit
+        def decode(self, codes):
+            out = codes.clone()
+            out[..., 4 * self.frame_size:5 * self.frame_size] *= 10
+            return out
+
     for level in (-60.0, -30.0):
         assert stream_start_overshoot_db(PassThrough(), level) == pytest.approx(0.0, abs=1e-6)
         assert stream_start_overshoot_db(ClickAtStart(), level) == pytest.approx(20.0, abs=1e-6)
+        assert stream_start_overshoot_db(ClickInFifthFrame(), level) == pytest.approx(20.0, abs=1e-6)
     assert torch.is_grad_enabled()  # measured without autograd, and without turning it off for the caller
 
 

@@ -200,6 +200,39 @@ def test_pesq_loss_switches_on_and_off_across_resumes(tmp_path):
         config("grvq_4cb", "loss.pesq=1.0")  # FAST's 0.32 s crops
 
 
+def test_pesq_loss_leaves_out_the_stream_start_which_pesq_rewards_a_burst_in():
+    """loss.pesq_skip_ms (60 by default): the PESQ loss does not see a crop's first 60 ms. Without the skip, a loud
+    600 Hz burst in them LOWERS the loss (PESQ aligns each signal's level over the whole clip, so the burst turns the
+    rest of the output down), which is what the day 24-26 PESQ-loss runs learnt. The same burst just after the skip
+    raises it, as a defect should."""
+    from neurocodec.audio import load_audio
+    from neurocodec.codecs.checkpoint import build_codec
+    from neurocodec.train.module import CodecTrainingModule
+
+    clip = sorted((DEMO.parent / "audio" / "fr_CA_f_June").glob("*.flac"), key=lambda p: -p.stat().st_size)[0]
+    real = load_audio(clip, 16000).reshape(1, 1, -1)[..., 8000:8000 + 6400]  # 0.4 s of speech
+    noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
+    fake = real + 0.01 * real.abs().max() * noise
+    burst = 0.9 * torch.sin(2 * torch.pi * 600 * torch.arange(960) / 16000)  # 60 ms
+    at_start, after_skip = fake.clone(), fake.clone()
+    at_start[..., :960] += burst
+    after_skip[..., 960:1920] += burst
+
+    def pesq_losses(skip_ms: int) -> list[float]:
+        cfg = config("grvq_4cb", "loss.pesq=1.0", "data.segment_seconds=0.4", f"loss.pesq_skip_ms={skip_ms}")
+        module = CodecTrainingModule(cfg, build_codec(cfg.model))
+        return [float(module.generator_losses(real, f, torch.zeros(()), use_gan=False)["pesq"])
+                for f in (fake, at_start, after_skip)]
+
+    plain, burst_at_start, burst_after_skip = pesq_losses(60)
+    assert burst_at_start == plain
+    assert burst_after_skip > plain + 0.5
+    plain, burst_at_start, _ = pesq_losses(0)
+    assert burst_at_start < plain - 0.1, (burst_at_start, plain)
+    with pytest.raises(ConfigError, match="after its loss.pesq_skip_ms"):
+        config("grvq_4cb", "loss.pesq=1.0", "data.segment_seconds=0.4", "loss.pesq_skip_ms=100")
+
+
 def test_fine_tune_from_the_default_model(tmp_path):
     """--init_from default: a new run (step 0) whose codec, and its weight EMA, start from the shipped weights."""
     import yaml

@@ -251,9 +251,11 @@ class TrainConfig:
         if any(b <= a for a, b in zip(bounded, bounded[1:])):
             raise ConfigError(f"stage until_step values must increase, got {bounded}")
         self.stages = stages
-        if self.uses_pesq_loss and self.data.segment_seconds < PESQ_MIN_SECONDS:
-            raise ConfigError(f"loss.pesq needs training crops of at least {PESQ_MIN_SECONDS} s (PESQ averages over "
-                              f"windows of 20 frames of 16 ms); data.segment_seconds is {self.data.segment_seconds}")
+        scored_seconds = self.data.segment_seconds - self.loss.pesq_skip_ms / 1000
+        if self.uses_pesq_loss and scored_seconds < PESQ_MIN_SECONDS:
+            raise ConfigError(f"loss.pesq needs training crops of at least {PESQ_MIN_SECONDS} s after its "
+                              f"loss.pesq_skip_ms ({self.loss.pesq_skip_ms} ms; PESQ averages over windows of 20 "
+                              f"frames of 16 ms); data.segment_seconds is {self.data.segment_seconds}")
 
     @property
     def uses_pesq_loss(self) -> bool:

@@ -26,6 +26,12 @@ class LossConfig:
     semantic: float = 1.0  # semanticodec: cross-entropy of the student's semantic-token prediction (CodecOutput.aux_losses)
     distill: float = 1.0  # xy_single: 1 - cosine(projected semantic branch, teacher features) (CodecOutput.aux_losses)
     pesq: float = 0.0  # PESQ's disturbance terms, differentiable (torch-pesq); computed only while its weight is > 0
+    # The PESQ loss leaves out each crop's first milliseconds (and its reference's): the stream-start transient is
+    # left to the other losses. An int, not a float: stage overrides take the float fields as loss weights.
+    # Why: PESQ aligns each signal's level over the whole clip, so a loud start burst turns the rest of the output
+    # down and lowers PESQ's (asymmetric, additive-noise) disturbance; a PESQ loss that sees the crop start learns
+    # such a burst within a few thousand steps, zero-state or primed crops alike (day 27, heldout_speakers.md).
+    pesq_skip_ms: int = 60
     adversarial_kind: str = "hinge"  # hinge | lsgan
     mel_windows: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512, 1024, 2048])
     mel_bins: list[int] = field(default_factory=lambda: [5, 10, 20, 40, 80, 160, 320])
@@ -39,6 +45,8 @@ class LossConfig:
         for name in ("mel", "stft", "waveform", "feature", "adversarial", "quantizer", "pesq"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss weight {name} must be >= 0")
+        if self.pesq_skip_ms < 0:
+            raise ValueError(f"pesq_skip_ms must be >= 0, got {self.pesq_skip_ms}")
 
 
 class MultiResolutionMelLoss(nn.Module):

@@ -125,7 +125,8 @@ class CodecTrainingModule(L.LightningModule):
             "quantizer": quantizer_loss.float(),
         }
         if self.pesq_loss is not None and self.current_loss_weights()["pesq"] > 0:
-            losses["pesq"] = self.pesq_loss(fake, real)
+            skip = self.config.loss.pesq_skip_ms * self.codec.sample_rate // 1000  # the stream start: LossConfig
+            losses["pesq"] = self.pesq_loss(fake[..., skip:], real[..., skip:])
         if use_gan:
             out_fake = self.disc(fake)
             with torch.no_grad():
