@@ -270,8 +270,8 @@ def test_fine_tune_from_the_default_model(tmp_path):
     assert resumed.steps_before == shipped_steps
     assert lineage_steps(read_metadata(export.codec_path)) == shipped_steps + 2
 
-    with pytest.raises(UserError, match="network differs"):
-        fit(config("grvq_4cb", "trainer.max_steps=1", "model.seanet.channels=16"), tmp_path / "wide", init_from="default")
+    with pytest.raises(UserError, match="network differs"):  # narrower: widening only goes one way
+        fit(config("grvq_4cb", "trainer.max_steps=1", "model.seanet.channels=4"), tmp_path / "narrow", init_from="default")
     with pytest.raises(UserError, match="model.sample_rate = 16000, this config has 24000"):
         fit(config("grvq_4cb", "trainer.max_steps=1", "model.sample_rate=24000"), tmp_path / "24k", init_from="default")
     # A network that adds a bottleneck to the file's starts from the file's function (the blocks as identity): how
@@ -293,6 +293,51 @@ def test_fine_tune_from_the_default_model(tmp_path):
         fit(cfg, tmp_path / "f", init_from=str(folded))
     with pytest.raises(ConfigError, match="give one"):
         main(["--config", "grvq_4cb", "--init_from", "default", "--ckpt_path", str(tmp_path / "x.ckpt")])
+
+
+def test_fine_tune_into_a_wider_network_starts_from_the_files_function(tmp_path):
+    """More `seanet.channels` than the file's (codecs/widen.py): copied channels, input weights split between the
+    copies, so the wider codec gives the file's codes and audio; weight norm's directions keep their trained norms;
+    the copies are not twins (their split weights differ), and training runs from there."""
+    from neurocodec.audio import load_audio
+    from neurocodec.codecs.checkpoint import build_codec, load_weights_for_training, save_codec
+
+    torch.manual_seed(5)
+    narrow = build_codec(config("grvq_4cb", "model.seanet.decoder_snake=true").model)  # LSTMs, Snake, weight norm
+    with torch.no_grad():  # a model unlike a fresh one: biases, gates and LSTMs all carry something
+        for p in narrow.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    saved = save_codec(narrow, tmp_path / "narrow.safetensors")
+    wide = build_codec(config("grvq_4cb", "model.seanet.decoder_snake=true", "model.seanet.channels=12").model)
+    load_weights_for_training(wide, str(saved))
+    assert sum(p.numel() for p in wide.parameters()) > 2 * sum(p.numel() for p in narrow.parameters())
+
+    clip = sorted((DEMO.parent / "audio" / "fr_CA_f_June").glob("*.flac"))[0]
+    wav = load_audio(clip, 16000).reshape(1, 1, -1)[..., :16000]
+    narrow.eval(), wide.eval()
+    with torch.no_grad():
+        codes = narrow.encode(wav)
+        assert torch.equal(wide.encode(wav), codes)
+        torch.testing.assert_close(wide.decode(codes), narrow.decode(codes), atol=1e-5, rtol=0)
+
+    # the first residual block's 1x1 conv: input 4 -> 6 hidden channels (copies of 0 and 1), output 8 -> 12
+    name = "encoder.model.1.block.3.conv"
+    old_w, new_w = narrow.get_submodule(name).weight, wide.get_submodule(name).weight
+    torch.testing.assert_close(new_w[:8, 0] + new_w[:8, 4], old_w[:, 0])  # the split adds up to the weight
+    assert not torch.allclose(new_w[:8, 0], new_w[:8, 4])  # but not in equal halves: the copies can part
+    torch.testing.assert_close(new_w[8:, 2:4], old_w[:4, 2:4])  # copied output rows (channels 8-11 = 0-3)
+    old_v = narrow.get_submodule(name).parametrizations.weight.original1
+    new_v = wide.get_submodule(name).parametrizations.weight.original1
+    torch.testing.assert_close(new_v.flatten(1).norm(dim=1)[:8], old_v.flatten(1).norm(dim=1))
+
+    _, module, _ = fit(config("grvq_4cb", "trainer.max_steps=2", "model.seanet.decoder_snake=true",
+                              "model.seanet.channels=12"), tmp_path / "wide", init_from=str(saved))
+    assert int(module.gen_step) == 2
+    with pytest.raises(UserError, match="transformer bottleneck"):
+        narrow_t = build_codec(config("grvq_4cb", "model.seanet.bottleneck.kind=transformer").model)
+        load_weights_for_training(build_codec(config("grvq_4cb", "model.seanet.bottleneck.kind=transformer",
+                                                     "model.seanet.channels=12").model),
+                                  str(save_codec(narrow_t, tmp_path / "t.safetensors")))
 
 
 def test_fine_tune_into_a_deeper_decoder_starts_from_the_files_function(tmp_path):

@@ -173,7 +173,10 @@ def load_weights_for_training(codec: torch.nn.Module, spec: str | Path) -> dict:
             raise UserError(f"--init_from {spec}: it has model.{key} = {saved}, this config has {mine}; "
                             "fine-tuning keeps the model's settings (for `default`: --config grvq_4cb --preset tiny)")
     own = codec.state_dict()
-    if set(state) != set(own):
+    widened = _widened_state(codec, theirs, state, spec)
+    if widened is not None:
+        state = widened
+    elif set(state) != set(own):
         state = _follow_inserted_blocks(codec, theirs, state)
     grown = _added_identity_blocks(codec, set(state))
     grown_keys = {f"{prefix}.{key}" for prefix, block in grown.items() for key in block.state_dict()}
@@ -195,6 +198,27 @@ def load_weights_for_training(codec: torch.nn.Module, spec: str | Path) -> dict:
               f"{', '.join(grown)}); they start as the identity, so the codec starts out computing what the file's "
               "codec computes")
     return meta
+
+
+def _widened_state(codec: torch.nn.Module, saved_config: dict, state: dict, spec: str) -> dict | None:
+    """Where `codec` is the saved network with more `seanet.channels`: the state of `codec` computing exactly what
+    the saved weights compute (codecs/widen.py). None where it is not a widening."""
+    from .widen import widen_codec, widened_channels
+
+    try:
+        saved = build_codec(saved_config)
+    except (UserError, ConfigError, ValueError, TypeError, KeyError):
+        return None
+    if not widened_channels(saved, codec):
+        return None
+    try:
+        saved.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"--init_from {spec}: its weights do not fit its own config ({str(err)[:200]})") from None
+    widen_codec(saved, codec)
+    print(f"--init_from {spec}: widened from {saved.config.seanet.channels} to {codec.config.seanet.channels} "
+          "SEANet channels; the codec starts out computing what the file's codec computes (codecs/widen.py)")
+    return codec.state_dict()
 
 
 def _follow_inserted_blocks(codec: torch.nn.Module, saved_config: dict, state: dict) -> dict:
