@@ -28,11 +28,14 @@ from neurocodec.codecs.checkpoint import DEFAULT_MODEL_PATH, lineage_steps, load
 from neurocodec.eval.plots import plot_training_curve, read_validation_curve, write_validation_curve  # noqa: E402
 
 
-def lineage_curve(run: Path, history: Path, steps_before: int) -> tuple[dict, dict]:
+def lineage_curve(run: Path, history: Path, steps_before: int, until: float | None = None) -> tuple[dict, dict]:
     """The validation curve of the model's lineage: the history's points up to `steps_before` (where this
-    run started from the shipped model; 0 for a run from scratch), then the run's own, shifted by it.
+    run started from the shipped model; 0 for a run from scratch), then the run's own, shifted by it, up to
+    `until` (the shipped file's total step, where it is an earlier export than the run's last).
     Returns (curve, marks for the plot)."""
     mine = read_validation_curve(run / "csv" / "metrics.csv", step_offset=steps_before)
+    if until is not None:
+        mine = {key: {step: v for step, v in points.items() if step <= until} for key, points in mine.items()}
     if steps_before == 0 or not history.is_file():
         return mine, {}
     earlier = read_validation_curve(history)
@@ -44,13 +47,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/default-model-lstm", help="training run folder (default runs/default-model-lstm)")
     p.add_argument("--corpus", default="data/debian-more", help="corpus built by `neurocodec data debian --more-voices`")
+    p.add_argument("--codec", help="which of the run's codec files to ship (default RUN/codec.safetensors, its last "
+                   "export; a rule may pick an earlier one, e.g. RUN/exports/codec_step0002000.safetensors)")
     p.add_argument("--max-clips", type=int, default=100, help="held-out clips to score (default 100)")
     p.add_argument("--docs", default="docs/default_model", help="where the report goes")
     p.add_argument("--no-install", action="store_true", help="evaluate only; leave the shipped weights alone")
     args = p.parse_args()
 
     run, docs = Path(args.run), Path(args.docs)
-    codec_path = run / "codec.safetensors"
+    codec_path = Path(args.codec) if args.codec else run / "codec.safetensors"
     if not codec_path.is_file():
         print(f"{codec_path} does not exist: train first (scripts/train_default_model.sh)", file=sys.stderr)
         return 2
@@ -59,7 +64,7 @@ def main() -> int:
     print(f"{codec_path}: generator step {meta.get('gen_step')} (total {total}), EMA={meta.get('ema')}")
     load_codec(str(codec_path))  # fails here, not halfway through, if the file is unusable
     history = docs / "validation_history.csv"
-    curve, marks = lineage_curve(run, history, steps_before)
+    curve, marks = lineage_curve(run, history, steps_before, until=total)
     plot = plot_training_curve(curve, docs / "training_curve.png", marks)
     if plot:
         print(f"training curve -> {plot}")
