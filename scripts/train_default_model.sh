@@ -93,6 +93,12 @@
 # the seed-1 run failed the ship rule on June. Not shipped. The same command on another VM reproduced day 24's run
 # bit for bit.
 #
+# Days 26-28: those gcin_3 gains were PESQ rewarding a loud burst the runs learnt at the crop start (PESQ aligns
+# the level over the whole clip). Streams and training crops are now primed (model.stream_start) and the PESQ loss
+# skips each crop's first 60 ms (loss.pesq_skip_ms, a default): 2,000 steps of this recipe from step 122,720 then
+# gave +0.036 / +0.014 / +0.096 PESQ-WB on unseen clips, ViSQOL level, start within +2 dB: shipped as step 124,720.
+# Watch valid/stream_start_overshoot_db in any run of it.
+#
 # Training resumes from runs/default-model-lstm/checkpoints/last.ckpt whenever it exists, so the run can be
 # continued across days; when it stops, ship the result with scripts/ship_default_model.py. Where the run
 # folder is gone (a new machine), continue from the shipped weights instead:
