@@ -28,7 +28,8 @@ from ..errors import UserError
 
 
 def widened_channels(old: torch.nn.Module, new: torch.nn.Module) -> bool:
-    """Whether `new` is `old`'s network with more SEANet channels (and otherwise the same layer names)."""
+    """Whether `new` has more SEANet channels than `old` (that the rest matches, `widen_codec` checks layer by
+    layer)."""
     old_seanet = getattr(getattr(old, "config", None), "seanet", None)
     new_seanet = getattr(getattr(new, "config", None), "seanet", None)
     return (old_seanet is not None and new_seanet is not None and new_seanet.channels > old_seanet.channels)

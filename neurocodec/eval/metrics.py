@@ -177,6 +177,9 @@ def stream_start_overshoot_db(codec, level_dbfs: float, seeds: int = 5, seconds:
         wav = torch.from_numpy(noise.astype(np.float32)).view(1, 1, -1).to(device)
         out = codec.decode(codec.encode(wav))[0, 0, :n].double().cpu().numpy()
         for start in range(0, n, frame):
-            level = lambda x: 10 * math.log10(float(np.mean(x[start:start + frame] ** 2)) + 1e-20)  # noqa: E731
-            worst = max(worst, level(out) - level(noise))
+            worst = max(worst, _level_db(out[start:start + frame]) - _level_db(noise[start:start + frame]))
     return float(worst)
+
+
+def _level_db(x: np.ndarray) -> float:
+    return 10 * math.log10(float(np.mean(x ** 2)) + 1e-20)

@@ -156,7 +156,8 @@ def markdown(payload: dict, figures: dict[str, str] | None = None, title: str | 
         out += ["Targets (DESIGN.md):", "", *targets, ""]
     start = model.get("stream_start_overshoot_db") or {}
     if start:
-        out += ["Stream start: the loudest codec frame of the first 200 ms of output, when a stream opens on white noise at " +
+        out += ["Stream start: the loudest codec frame of the first 200 ms of output, when a stream opens on "
+                "white noise at " +
                 ", ".join(f"{level} dBFS" for level in start) + ", is " +
                 ", ".join(f"{v:+.1f} dB" for v in start.values()) + " louder than the input (0: no start "
                 "transient; above ~+6 dB it is a click).", ""]
