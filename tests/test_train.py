@@ -271,7 +271,8 @@ def test_fine_tune_from_the_default_model(tmp_path):
     assert lineage_steps(read_metadata(export.codec_path)) == shipped_steps + 2
 
     with pytest.raises(UserError, match="network differs"):  # narrower: widening only goes one way
-        fit(config("grvq_4cb", "trainer.max_steps=1", "model.seanet.channels=4"), tmp_path / "narrow", init_from="default")
+        fit(config("grvq_4cb", "trainer.max_steps=1", "model.seanet.channels=4"), tmp_path / "narrow",
+            init_from="default")
     with pytest.raises(UserError, match="model.sample_rate = 16000, this config has 24000"):
         fit(config("grvq_4cb", "trainer.max_steps=1", "model.sample_rate=24000"), tmp_path / "24k", init_from="default")
     # A network that adds a bottleneck to the file's starts from the file's function (the blocks as identity): how
