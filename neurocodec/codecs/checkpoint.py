@@ -26,6 +26,7 @@ from ..config import DEFAULT_MODEL, ConfigError, load_config, split_model_spec
 from ..errors import UserError
 from .model import CodecConfig
 from .registry import Family, families, family_of, get_family
+from .widen import widen_codec, widened_channels
 
 FORMAT = "neurocodec.codec.v1"
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "weights" / "default.safetensors"
@@ -173,11 +174,12 @@ def load_weights_for_training(codec: torch.nn.Module, spec: str | Path) -> dict:
             raise UserError(f"--init_from {spec}: it has model.{key} = {saved}, this config has {mine}; "
                             "fine-tuning keeps the model's settings (for `default`: --config grvq_4cb --preset tiny)")
     own = codec.state_dict()
-    widened = _widened_state(codec, theirs, state, spec)
-    if widened is not None:
-        state = widened
-    elif set(state) != set(own):
-        state = _follow_inserted_blocks(codec, theirs, state)
+    if set(state) != set(own) or any(own[k].shape != state[k].shape for k in set(own) & set(state)):
+        saved = _file_network(theirs)  # the file's network, to map its weights into a grown one
+        if saved is not None and widened_channels(saved, codec):
+            state = _widened_state(codec, saved, state, spec)
+        elif saved is not None and set(state) != set(own):
+            state = _follow_inserted_blocks(codec, saved, state)
     grown = _added_identity_blocks(codec, set(state))
     grown_keys = {f"{prefix}.{key}" for prefix, block in grown.items() for key in block.state_dict()}
     missing = sorted(set(own) - set(state) - grown_keys)
@@ -200,17 +202,18 @@ def load_weights_for_training(codec: torch.nn.Module, spec: str | Path) -> dict:
     return meta
 
 
-def _widened_state(codec: torch.nn.Module, saved_config: dict, state: dict, spec: str) -> dict | None:
-    """Where `codec` is the saved network with more `seanet.channels`: the state of `codec` computing exactly what
-    the saved weights compute (codecs/widen.py). None where it is not a widening."""
-    from .widen import widen_codec, widened_channels
-
+def _file_network(saved_config: dict) -> torch.nn.Module | None:
+    """The network a codec file's config builds (None where it does not build: the caller's mismatch error says
+    what differs)."""
     try:
-        saved = build_codec(saved_config)
+        return build_codec(saved_config)
     except (UserError, ConfigError, ValueError, TypeError, KeyError):
         return None
-    if not widened_channels(saved, codec):
-        return None
+
+
+def _widened_state(codec: torch.nn.Module, saved: torch.nn.Module, state: dict, spec: str) -> dict:
+    """`codec`, the file's network `saved` with more `seanet.channels`, set to compute exactly what the saved
+    weights `state` compute (codecs/widen.py); returns its state."""
     try:
         saved.load_state_dict(state)
     except RuntimeError as err:
@@ -221,16 +224,12 @@ def _widened_state(codec: torch.nn.Module, saved_config: dict, state: dict, spec
     return codec.state_dict()
 
 
-def _follow_inserted_blocks(codec: torch.nn.Module, saved_config: dict, state: dict) -> dict:
+def _follow_inserted_blocks(codec: torch.nn.Module, saved: torch.nn.Module, state: dict) -> dict:
     """Rename the saved weights where `codec` has blocks inserted between the saved network's layers (a deeper
     decoder: `seanet.decoder_residual_layers` above the file's): an `nn.Sequential` names its layers by position,
     so every layer after an insertion moved. Each Sequential of the saved network (built from the file's config)
     is matched in order against ours; a layer of ours that does not match the next saved one must be a block that
     can start as the identity, and is skipped. Anything else is left as it is, for the caller's mismatch error."""
-    try:
-        saved = build_codec(saved_config)
-    except (UserError, ConfigError, ValueError, TypeError, KeyError):
-        return state
     renames: dict[str, str] = {}
     for name, ours in codec.named_modules():
         theirs = _submodule_or_none(saved, name)

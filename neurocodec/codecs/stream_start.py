@@ -25,8 +25,9 @@ Training primes its crops the same way (`Codec.forward` through `encoder_offline
 starts from zero state gives the model a frame it can tell apart, and the PESQ loss learnt to put a loud burst there,
 which PESQ-WB scores higher (day 27: +0.23 on gcin_3 after 4,000 steps). Priming makes the start harder to tell
 apart, not impossible (the stand-ins are a mirrored frame and a repeated code): with primed crops the same recipe
-left the start quiet for 2,000 steps but had grown it back to +17 dB on -30 dBFS noise by 4,000. Watch
-`valid/stream_start_overshoot_db` when training with a PESQ loss.
+left the start quiet for 2,000 steps but had grown it back to +17 dB on -30 dBFS noise by 4,000. So the PESQ loss
+also skips each crop's first 60 ms (`LossConfig.pesq_skip_ms`, day 28: the start then stayed within +2 dB through
+4,800 steps). Watch `valid/stream_start_overshoot_db` when training with a PESQ loss.
 """
 
 from __future__ import annotations

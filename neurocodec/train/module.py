@@ -296,8 +296,8 @@ class CodecTrainingModule(L.LightningModule):
             metrics["valid/pesq"] = float(scores[0] / scores[1])
         if scores[3] > 0:
             metrics["valid/stoi"] = float(scores[2] / scores[3])
-        # The stream-start click (eval/metrics.py), the same on every process: a PESQ loss learns to make the first
-        # frame loud, which PESQ-WB rewards and no validation score shows (day 27).
+        # The stream-start click (eval/metrics.py), the same on every process: a PESQ loss learns to make a stream's
+        # start loud, which PESQ rewards and no validation score shows (days 27-28; LossConfig.pesq_skip_ms).
         metrics["valid/stream_start_overshoot_db"] = stream_start_overshoot_db(v["codec"], -30.0)
         # Values are already the same on every process: log without another reduction.
         self.log_dict(metrics, sync_dist=False)
