@@ -30,6 +30,8 @@ Printed and written to `<out>/compare.md` (`compare_<metric>.md` for another met
 - per arm, over the steps that every arm has: each clip's difference averaged over those checkpoints, then its
   interval (a checkpoint's noise averages out; the clips stay paired);
 - every later arm against the first, the same way.
+The first table is also drawn in `<out>/compare.png` (`compare_<metric>.png`): per speaker, each arm's difference
+from the reference against its step, with the intervals.
 """
 
 from __future__ import annotations
@@ -143,6 +145,49 @@ def evaluate(model: str, manifest: Path, out: Path, max_clips: int, extra: tuple
     return out
 
 
+def checkpoint_stats(speakers: list[str], arms: dict[str, dict[int, dict[str, dict]]],
+                     ref_scores: dict[str, dict]) -> dict[str, dict[int, list[dict]]]:
+    """Every checkpoint minus the reference, per speaker (`paired`): {arm: {step: [stat per speaker]}}, steps in
+    order. The report's first table and the plot are drawn from it."""
+    return {name: {step: [paired([steps[step][s]], [ref_scores[s]]) for s in speakers] for step in sorted(steps)}
+            for name, steps in arms.items()}
+
+
+def plot(speakers: list[str], reference: str, stats: dict[str, dict[int, list[dict]]], metric: str,
+         path: Path) -> Path:
+    """One panel per speaker and one for the mean over speakers: each arm's difference from the reference against
+    its step, with the 95% intervals. Whether an arm still climbs or has levelled off is read here at a glance; in
+    the table it takes a column of numbers per speaker."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # a file only: no display on servers
+    import matplotlib.pyplot as plt
+
+    panels = [*speakers, "mean over speakers"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.4), sharey=True, squeeze=False)
+    for i, (ax, title) in enumerate(zip(axes[0], panels)):
+        for name, steps in stats.items():
+            xs = list(steps)
+            if i < len(speakers):
+                ys = [steps[k][i]["mean"] for k in xs]
+                err = [0.0 if steps[k][i]["ci95"] is None else (steps[k][i]["ci95"][1] - steps[k][i]["ci95"][0]) / 2
+                       for k in xs]
+                ax.errorbar(xs, ys, yerr=err, marker="o", markersize=3, capsize=2, label=name)
+            else:  # the mean over speakers has no interval of its own (the clips differ by speaker)
+                ax.plot(xs, [np.mean([x["mean"] for x in steps[k]]) for k in xs], marker="o", markersize=3,
+                        label=name)
+        ax.axhline(0.0, color="tab:gray", linewidth=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("generator steps")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{METRICS[metric].split(' (')[0]} minus {Path(reference).name}")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def report(speakers: list[str], reference: str, arms: dict[str, dict[int, dict[str, dict]]],
            ref_scores: dict[str, dict], metric: str = "pesq") -> str:
     """The Markdown report from the scores: arms[name][step][speaker] = {clip: score}."""
@@ -151,9 +196,8 @@ def report(speakers: list[str], reference: str, arms: dict[str, dict[int, dict[s
     lines = [f"# Checkpoints against {reference} ({METRICS[metric]}, paired per clip)", "",
              "Each cell: mean ± half-width of the 95% t-interval over the clips.", "",
              "## Every checkpoint minus the reference", "", "| arm, step " + head, rule]
-    for name, steps in arms.items():
-        for step in sorted(steps):
-            stats = [paired([steps[step][s]], [ref_scores[s]]) for s in speakers]
+    for name, steps in checkpoint_stats(speakers, arms, ref_scores).items():
+        for step, stats in steps.items():
             lines.append(f"| {name} {step} | " + " | ".join(cell(x) for x in stats)
                          + f" | {np.mean([x['mean'] for x in stats]):+.3f} |")
     common = sorted(set.intersection(*(set(s) for s in arms.values())))
@@ -233,9 +277,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             scores[name].setdefault(step, {})[speaker] = load(out)
     text = report(speakers, args.reference, scores, ref_scores, args.metric)
-    name = "compare.md" if args.metric == "pesq" else f"compare_{args.metric}.md"
-    (Path(args.out) / name).write_text(text, encoding="utf-8")
+    stem = "compare" if args.metric == "pesq" else f"compare_{args.metric}"
+    (Path(args.out) / f"{stem}.md").write_text(text, encoding="utf-8")
+    figure = plot(speakers, args.reference, checkpoint_stats(speakers, scores, ref_scores), args.metric,
+                  Path(args.out) / f"{stem}.png")
     print(text)
+    print(f"plot: {figure}")
     return 0
 
 

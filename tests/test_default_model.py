@@ -200,6 +200,10 @@ def test_compare_runs_pairs_checkpoints_with_the_reference_and_the_arms_at_commo
     expected = np.mean([clips["B"][i] - clips["A"][i] for i in clips["A"]])
     row = next(line for line in text.splitlines() if line.startswith("| B - A |"))
     assert row.startswith(f"| B - A | {expected:+.3f} ± ")
+    import matplotlib.image
+
+    figure = matplotlib.image.imread(out / "compare.png")  # the first table, drawn: two panels side by side
+    assert figure.shape[1] > 1.5 * figure.shape[0] and figure.std() > 0
     # another metric comes from the same cached evaluations: nothing new is scored
     cached = sorted((out / "eval").iterdir())
     assert script.main(["--corpus", str(corpus), "--arm", f"A={tmp_path / 'a'}", "--arm", f"B={tmp_path / 'b'}",
@@ -209,7 +213,7 @@ def test_compare_runs_pairs_checkpoints_with_the_reference_and_the_arms_at_commo
                                                 .read_text()), "stoi") for name in ("A", "B")}
     assert all(0 < v <= 1 for v in stoi["A"].values()) and stoi["A"] != clips["A"]
     text = (out / "compare_stoi.md").read_text()
-    assert "(STOI, paired per clip)" in text
+    assert "(STOI, paired per clip)" in text and (out / "compare_stoi.png").is_file()
     row = next(line for line in text.splitlines() if line.startswith("| B - A |"))
     assert row.startswith(f"| B - A | {np.mean([stoi['B'][i] - stoi['A'][i] for i in stoi['A']]):+.3f} ± ")
     # an evaluation cached before a metric existed is scored again when that metric is asked for, and only it
