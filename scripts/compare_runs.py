@@ -153,41 +153,6 @@ def checkpoint_stats(speakers: list[str], arms: dict[str, dict[int, dict[str, di
             for name, steps in arms.items()}
 
 
-def plot(speakers: list[str], reference: str, stats: dict[str, dict[int, list[dict]]], metric: str,
-         path: Path) -> Path:
-    """One panel per speaker and one for the mean over speakers: each arm's difference from the reference against
-    its step, with the 95% intervals. Whether an arm still climbs or has levelled off is read here at a glance; in
-    the table it takes a column of numbers per speaker."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # a file only: no display on servers
-    import matplotlib.pyplot as plt
-
-    panels = [*speakers, "mean over speakers"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.4), sharey=True, squeeze=False)
-    for i, (ax, title) in enumerate(zip(axes[0], panels)):
-        for name, steps in stats.items():
-            xs = list(steps)
-            if i < len(speakers):
-                ys = [steps[k][i]["mean"] for k in xs]
-                err = [0.0 if steps[k][i]["ci95"] is None else (steps[k][i]["ci95"][1] - steps[k][i]["ci95"][0]) / 2
-                       for k in xs]
-                ax.errorbar(xs, ys, yerr=err, marker="o", markersize=3, capsize=2, label=name)
-            else:  # the mean over speakers has no interval of its own (the clips differ by speaker)
-                ax.plot(xs, [np.mean([x["mean"] for x in steps[k]]) for k in xs], marker="o", markersize=3,
-                        label=name)
-        ax.axhline(0.0, color="tab:gray", linewidth=1)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("generator steps")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{METRICS[metric].split(' (')[0]} minus {Path(reference).name}")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def report(speakers: list[str], reference: str, arms: dict[str, dict[int, dict[str, dict]]],
            ref_scores: dict[str, dict], metric: str = "pesq") -> str:
     """The Markdown report from the scores: arms[name][step][speaker] = {clip: score}."""
@@ -279,8 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     text = report(speakers, args.reference, scores, ref_scores, args.metric)
     stem = "compare" if args.metric == "pesq" else f"compare_{args.metric}"
     (Path(args.out) / f"{stem}.md").write_text(text, encoding="utf-8")
-    figure = plot(speakers, args.reference, checkpoint_stats(speakers, scores, ref_scores), args.metric,
-                  Path(args.out) / f"{stem}.png")
+    from neurocodec.eval.plots import plot_checkpoint_comparison
+
+    ylabel = f"{METRICS[args.metric].split(' (')[0]} minus {Path(args.reference).name}"
+    figure = plot_checkpoint_comparison(speakers, checkpoint_stats(speakers, scores, ref_scores), ylabel,
+                                        Path(args.out) / f"{stem}.png")
     print(text)
     print(f"plot: {figure}")
     return 0

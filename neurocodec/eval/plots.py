@@ -1,4 +1,5 @@
-"""The evaluation's figures (matplotlib, Agg backend, PNG): PESQ vs bitrate, spectrograms, codebook usage."""
+"""The evaluation's figures (matplotlib, Agg backend, PNG): PESQ vs bitrate, spectrograms, codebook usage, training
+and checkpoint curves."""
 
 from __future__ import annotations
 
@@ -250,5 +251,37 @@ def plot_training_curve(series: dict[str, dict[float, float]], path: str | Path,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_checkpoint_comparison(speakers: list[str], stats: dict[str, dict[int, list[dict]]], ylabel: str,
+                               path: str | Path) -> Path:
+    """scripts/compare_runs.py's first table drawn: one panel per speaker and one for the mean over speakers, each
+    arm's difference from the reference against its step with the 95% intervals. `stats`: {arm: {step: [summary per
+    speaker]}} (`runner.summarize`: mean, ci95). Whether an arm still climbs or has levelled off is read here at a
+    glance; in the table it takes a column of numbers per speaker."""
+    panels = [*speakers, "mean over speakers"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.4), sharey=True, squeeze=False)
+    for i, (ax, title) in enumerate(zip(axes[0], panels)):
+        for name, steps in stats.items():
+            xs = list(steps)
+            if i < len(speakers):
+                cells = [steps[k][i] for k in xs]
+                err = [0.0 if c["ci95"] is None else (c["ci95"][1] - c["ci95"][0]) / 2 for c in cells]
+                ax.errorbar(xs, [c["mean"] for c in cells], yerr=err, marker="o", markersize=3, capsize=2, label=name)
+            else:  # no interval here: the mean over speakers averages clips that differ by speaker
+                ax.plot(xs, [np.mean([c["mean"] for c in steps[k]]) for k in xs], marker="o", markersize=3, label=name)
+        ax.axhline(0.0, color="tab:gray", linewidth=1)
+        ax.set_title(title, fontsize=9)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(5))
+        ax.set_xlabel("generator steps")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
