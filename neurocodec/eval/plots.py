@@ -226,6 +226,16 @@ def write_validation_curve(series: dict[str, dict[float, float]], path: str | Pa
     return path
 
 
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    """Lay out, write (making the folder) and close a figure; the curves' files, which may go to a new folder."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_training_curve(series: dict[str, dict[float, float]], path: str | Path,
                         marks: dict[float, str] | None = None) -> Path | None:
     """Plot a validation curve (`read_validation_curve`); `marks`: {step: label} drawn as dashed lines."""
@@ -247,12 +257,7 @@ def plot_training_curve(series: dict[str, dict[float, float]], path: str | Path,
         ax.xaxis.set_major_locator(ticker.MaxNLocator(5))  # step numbers are wide: fewer ticks, no overlap
         ax.set_xlabel("generator steps")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def plot_checkpoint_comparison(speakers: list[str], stats: dict[str, dict[int, list[dict]]], ylabel: str,
@@ -279,9 +284,4 @@ def plot_checkpoint_comparison(speakers: list[str], stats: dict[str, dict[int, l
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=100)
