@@ -154,17 +154,18 @@ def checkpoint_stats(speakers: list[str], arms: dict[str, dict[int, dict[str, di
 
 
 def report(speakers: list[str], reference: str, arms: dict[str, dict[int, dict[str, dict]]],
-           ref_scores: dict[str, dict], metric: str = "pesq") -> str:
-    """The Markdown report from the scores: arms[name][step][speaker] = {clip: score}."""
+           ref_scores: dict[str, dict], metric: str = "pesq", stats: dict | None = None) -> str:
+    """The Markdown report from the scores: arms[name][step][speaker] = {clip: score}; `stats`: their
+    `checkpoint_stats` when the caller has them already (the plot is drawn from the same)."""
     head = "| " + " | ".join(speakers) + " | mean over speakers |"
     rule = "|---" * (len(speakers) + 2) + "|"
     lines = [f"# Checkpoints against {reference} ({METRICS[metric]}, paired per clip)", "",
              "Each cell: mean ± half-width of the 95% t-interval over the clips.", "",
              "## Every checkpoint minus the reference", "", "| arm, step " + head, rule]
-    for name, steps in checkpoint_stats(speakers, arms, ref_scores).items():
-        for step, stats in steps.items():
-            lines.append(f"| {name} {step} | " + " | ".join(cell(x) for x in stats)
-                         + f" | {np.mean([x['mean'] for x in stats]):+.3f} |")
+    for name, steps in (stats or checkpoint_stats(speakers, arms, ref_scores)).items():
+        for step, per_speaker in steps.items():
+            lines.append(f"| {name} {step} | " + " | ".join(cell(x) for x in per_speaker)
+                         + f" | {np.mean([x['mean'] for x in per_speaker]):+.3f} |")
     common = sorted(set.intersection(*(set(s) for s in arms.values())))
     lines += ["", f"## Over the steps every arm has ({', '.join(map(str, common)) or 'none'})", ""]
     if common:
@@ -241,14 +242,14 @@ def main(argv: list[str] | None = None) -> int:
             ref_scores[speaker] = load(out)
         else:
             scores[name].setdefault(step, {})[speaker] = load(out)
-    text = report(speakers, args.reference, scores, ref_scores, args.metric)
+    stats = checkpoint_stats(speakers, scores, ref_scores)
+    text = report(speakers, args.reference, scores, ref_scores, args.metric, stats)
     stem = "compare" if args.metric == "pesq" else f"compare_{args.metric}"
     (Path(args.out) / f"{stem}.md").write_text(text, encoding="utf-8")
     from neurocodec.eval.plots import plot_checkpoint_comparison
 
     ylabel = f"{METRICS[args.metric].split(' (')[0]} minus {Path(args.reference).name}"
-    figure = plot_checkpoint_comparison(speakers, checkpoint_stats(speakers, scores, ref_scores), ylabel,
-                                        Path(args.out) / f"{stem}.png")
+    figure = plot_checkpoint_comparison(speakers, stats, ylabel, Path(args.out) / f"{stem}.png")
     print(text)
     print(f"plot: {figure}")
     return 0

@@ -200,10 +200,14 @@ def test_compare_runs_pairs_checkpoints_with_the_reference_and_the_arms_at_commo
     expected = np.mean([clips["B"][i] - clips["A"][i] for i in clips["A"]])
     row = next(line for line in text.splitlines() if line.startswith("| B - A |"))
     assert row.startswith(f"| B - A | {expected:+.3f} ± ")
+    import matplotlib.colors
     import matplotlib.image
 
-    figure = matplotlib.image.imread(out / "compare.png")  # the first table, drawn: two panels side by side
-    assert figure.shape[1] > 1.5 * figure.shape[0] and figure.std() > 0
+    figure = matplotlib.image.imread(out / "compare.png")[..., :3]  # the first table, drawn: two panels side by side
+    assert figure.shape[1] > 1.5 * figure.shape[0]
+    for color in ("#1f77b4", "#ff7f0e"):  # matplotlib's first two line colours: arm A's and arm B's points are drawn
+        rgb = np.array(matplotlib.colors.to_rgb(color))
+        assert (np.abs(figure - rgb).max(axis=-1) < 0.02).sum() > 20, f"no {color} points in compare.png"
     # another metric comes from the same cached evaluations: nothing new is scored
     cached = sorted((out / "eval").iterdir())
     assert script.main(["--corpus", str(corpus), "--arm", f"A={tmp_path / 'a'}", "--arm", f"B={tmp_path / 'b'}",
